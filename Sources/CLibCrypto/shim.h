@@ -1,0 +1,6 @@
+#ifndef TALLY_CLIBCRYPTO_SHIM_H
+#define TALLY_CLIBCRYPTO_SHIM_H
+
+#include <openssl/evp.h>
+
+#endif

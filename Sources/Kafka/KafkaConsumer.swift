@@ -1,0 +1,259 @@
+import CRdKafka
+
+/// Receives a consumer group's rebalances. Both methods run on the thread that polls, inside
+/// `KafkaConsumer.poll` or `close`, before librdkafka goes on.
+public protocol KafkaRebalanceHandler: AnyObject {
+    /// Returns the partitions to start, each with the offset to start at. Partitions left out
+    /// are not consumed by this member until the next rebalance.
+    func partitionsAssigned(_ partitions: [KafkaTopicPartition]) -> [KafkaTopicPartition]
+
+    /// Called before the partitions are given up. With `lost`, another member may already own
+    /// them, as after a session timeout, so nothing may be committed for them.
+    func partitionsRevoked(_ partitions: [KafkaTopicPartition], lost: Bool)
+}
+
+/// What one poll returned.
+public enum KafkaPollResult: Sendable {
+    case message(KafkaMessage)
+    /// A consumer error, for one partition when `partition` is set.
+    case error(KafkaError, partition: KafkaTopicPartition?)
+}
+
+/// A high-level consumer over one `rd_kafka_t`.
+///
+/// Call `poll` and everything else from one thread, which also runs the rebalance handler.
+/// The consumer owns its handle and destroys it in `deinit`; call `close()` first to leave
+/// the group cleanly.
+public final class KafkaConsumer {
+    /// Owned by this object.
+    private let handle: OpaquePointer
+    /// Owned by this object; librdkafka's opaque pointer refers to it.
+    private let box: CallbackBox
+    private var isClosed = false
+
+    /// Creates a consumer. `properties` go to librdkafka as they are; they must include
+    /// `bootstrap.servers` and, for `subscribe`, `group.id`.
+    public init(
+        properties: [(String, String)],
+        onLog: (@Sendable (KafkaLogRecord) -> Void)? = nil,
+        onError: (@Sendable (KafkaError) -> Void)? = nil
+    ) throws(KafkaError) {
+        let box = CallbackBox(onLog: onLog, onError: onError)
+        let configuration = try makeConfiguration(properties, box: box)
+        rd_kafka_conf_set_rebalance_cb(configuration, handleRebalance)
+        handle = try makeHandle(RD_KAFKA_CONSUMER, configuration)
+        self.box = box
+        box.consumer = self
+        // Serve rebalances and errors from the consumer queue, so that `poll` delivers them.
+        rd_kafka_poll_set_consumer(handle)
+    }
+
+    deinit {
+        if !isClosed {
+            // Leaving without close() is allowed but gives up the group membership abruptly.
+            _ = rd_kafka_consumer_close(handle)
+        }
+        rd_kafka_destroy(handle)
+    }
+
+    /// The object told about rebalances. Not retained.
+    public var rebalanceHandler: (any KafkaRebalanceHandler)? {
+        get { box.rebalanceHandler }
+        set { box.rebalanceHandler = newValue }
+    }
+
+    /// librdkafka's instance name, such as `rdkafka#consumer-1`.
+    public var name: String {
+        String(cString: rd_kafka_name(handle))
+    }
+
+    /// Joins the consumer group for `topics`. The partitions arrive through the rebalance handler.
+    public func subscribe(topics: [String]) throws(KafkaError) {
+        let list = TopicPartitionList(topics.map { KafkaTopicPartition(topic: $0, partition: RD_KAFKA_PARTITION_UA) })
+        let code = rd_kafka_subscribe(handle, list.pointer)
+        guard code == RD_KAFKA_RESP_ERR_NO_ERROR else {
+            throw KafkaError(code, operation: "subscribe")
+        }
+    }
+
+    /// Consumes exactly these partitions from their offsets, outside any group rebalance.
+    public func assign(_ partitions: [KafkaTopicPartition]) throws(KafkaError) {
+        let list = TopicPartitionList(partitions)
+        let code = rd_kafka_assign(handle, list.pointer)
+        guard code == RD_KAFKA_RESP_ERR_NO_ERROR else {
+            throw KafkaError(code, operation: "assign")
+        }
+    }
+
+    /// Waits up to `timeoutMilliseconds` for a message or an error. Rebalances that arrive
+    /// meanwhile are handled before this returns.
+    public func poll(timeoutMilliseconds: Int32) -> KafkaPollResult? {
+        guard let message = rd_kafka_consumer_poll(handle, timeoutMilliseconds) else { return nil }
+        defer { rd_kafka_message_destroy(message) }
+
+        let code = message.pointee.err
+        guard code == RD_KAFKA_RESP_ERR_NO_ERROR else {
+            let text = rd_kafka_message_errstr(message).map { String(cString: $0) } ?? ""
+            let error = KafkaError(code: code.rawValue, message: text, operation: "consume")
+            let partition = message.pointee.rkt.map {
+                KafkaTopicPartition(
+                    topic: String(cString: rd_kafka_topic_name($0)), partition: message.pointee.partition,
+                    offset: message.pointee.offset)
+            }
+            return .error(error, partition: partition)
+        }
+        return .message(KafkaMessage(copying: message))
+    }
+
+    /// Moves the fetch position of assigned partitions to the given offsets.
+    public func seek(_ partitions: [KafkaTopicPartition], timeoutMilliseconds: Int32) throws(KafkaError) {
+        let list = TopicPartitionList(partitions)
+        if let error = rd_kafka_seek_partitions(handle, list.pointer, timeoutMilliseconds) {
+            throw KafkaError(consuming: error, operation: "seek")
+        }
+        if let error = TopicPartitionList.firstError(in: list.pointer, operation: "seek") {
+            throw error
+        }
+    }
+
+    /// Stops fetching from the partitions until `resume`.
+    public func pause(_ partitions: [KafkaTopicPartition]) throws(KafkaError) {
+        let list = TopicPartitionList(partitions)
+        let code = rd_kafka_pause_partitions(handle, list.pointer)
+        guard code == RD_KAFKA_RESP_ERR_NO_ERROR else { throw KafkaError(code, operation: "pause") }
+    }
+
+    public func resume(_ partitions: [KafkaTopicPartition]) throws(KafkaError) {
+        let list = TopicPartitionList(partitions)
+        let code = rd_kafka_resume_partitions(handle, list.pointer)
+        guard code == RD_KAFKA_RESP_ERR_NO_ERROR else { throw KafkaError(code, operation: "resume") }
+    }
+
+    /// Commits offsets (the next offset to read) to the group coordinator. With `async`, it
+    /// returns at once and a failure only reaches the log.
+    public func commit(_ offsets: [KafkaTopicPartition], async: Bool) throws(KafkaError) {
+        guard !offsets.isEmpty else { return }
+        let list = TopicPartitionList(offsets)
+        let code = rd_kafka_commit(handle, list.pointer, async ? 1 : 0)
+        guard code == RD_KAFKA_RESP_ERR_NO_ERROR else { throw KafkaError(code, operation: "commit") }
+    }
+
+    /// The offsets the group has committed for the partitions, nil where none is committed.
+    public func committedOffsets(_ partitions: [KafkaTopicPartition], timeoutMilliseconds: Int32) throws(KafkaError)
+        -> [KafkaTopicPartition]
+    {
+        let list = TopicPartitionList(partitions)
+        let code = rd_kafka_committed(handle, list.pointer, timeoutMilliseconds)
+        guard code == RD_KAFKA_RESP_ERR_NO_ERROR else { throw KafkaError(code, operation: "committed") }
+        return TopicPartitionList.entries(of: list.pointer).map { entry in
+            var entry = entry
+            if let offset = entry.offset, offset < 0 { entry.offset = nil }
+            return entry
+        }
+    }
+
+    /// The partitions currently assigned to this consumer.
+    public func assignment() throws(KafkaError) -> [KafkaTopicPartition] {
+        var list: UnsafeMutablePointer<rd_kafka_topic_partition_list_t>?
+        let code = rd_kafka_assignment(handle, &list)
+        guard code == RD_KAFKA_RESP_ERR_NO_ERROR, let list else { throw KafkaError(code, operation: "assignment") }
+        defer { rd_kafka_topic_partition_list_destroy(list) }
+        return TopicPartitionList.entries(of: list).map { KafkaTopicPartition(topic: $0.topic, partition: $0.partition) }
+    }
+
+    /// The number of partitions of each topic that exists, asking the brokers. A topic
+    /// that does not exist is left out. Throws when no broker answers in time.
+    public func partitionCounts(topics: [String], timeoutMilliseconds: Int32) throws(KafkaError) -> [String: Int] {
+        try fetchPartitionCounts(handle, topics: topics, timeoutMilliseconds: timeoutMilliseconds)
+    }
+
+    /// The log start and end of a partition, asking its leader.
+    public func watermarks(topic: String, partition: Int32, timeoutMilliseconds: Int32) throws(KafkaError)
+        -> KafkaWatermarks
+    {
+        try queryWatermarks(handle, topic: topic, partition: partition, timeoutMilliseconds: timeoutMilliseconds)
+    }
+
+    /// Leaves the group: the rebalance handler is told of the revocation, then the consumer
+    /// stops. Call it once, from the polling thread.
+    public func close() throws(KafkaError) {
+        guard !isClosed else { return }
+        isClosed = true
+        let code = rd_kafka_consumer_close(handle)
+        guard code == RD_KAFKA_RESP_ERR_NO_ERROR else { throw KafkaError(code, operation: "close") }
+    }
+
+    // MARK: Rebalance
+
+    fileprivate func applyRebalance(
+        _ code: rd_kafka_resp_err_t, _ partitions: UnsafeMutablePointer<rd_kafka_topic_partition_list_t>
+    ) {
+        let entries = TopicPartitionList.entries(of: partitions)
+        let isCooperative = String(cString: rd_kafka_rebalance_protocol(handle)) == "COOPERATIVE"
+
+        switch code {
+        case RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS:
+            let start = box.rebalanceHandler?.partitionsAssigned(entries)
+                ?? entries.map { KafkaTopicPartition(topic: $0.topic, partition: $0.partition, offset: KafkaOffset.beginning) }
+            let list = TopicPartitionList(start)
+            if isCooperative {
+                if let error = rd_kafka_incremental_assign(handle, list.pointer) {
+                    reportRebalanceFailure(KafkaError(consuming: error, operation: "incremental assign"))
+                }
+            } else {
+                let code = rd_kafka_assign(handle, list.pointer)
+                if code != RD_KAFKA_RESP_ERR_NO_ERROR {
+                    reportRebalanceFailure(KafkaError(code, operation: "assign"))
+                }
+            }
+
+        case RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS:
+            let lost = rd_kafka_assignment_lost(handle) != 0
+            box.rebalanceHandler?.partitionsRevoked(entries, lost: lost)
+            if isCooperative {
+                if let error = rd_kafka_incremental_unassign(handle, partitions) {
+                    reportRebalanceFailure(KafkaError(consuming: error, operation: "incremental unassign"))
+                }
+            } else {
+                let code = rd_kafka_assign(handle, nil)
+                if code != RD_KAFKA_RESP_ERR_NO_ERROR {
+                    reportRebalanceFailure(KafkaError(code, operation: "unassign"))
+                }
+            }
+
+        default:
+            // A failed rebalance: drop the whole assignment, as librdkafka requires.
+            reportRebalanceFailure(KafkaError(code, operation: "rebalance"))
+            box.rebalanceHandler?.partitionsRevoked(entries, lost: true)
+            _ = rd_kafka_assign(handle, nil)
+        }
+    }
+
+    private func reportRebalanceFailure(_ error: KafkaError) {
+        box.onError?(error)
+    }
+}
+
+/// librdkafka calls this from inside `rd_kafka_consumer_poll` or `rd_kafka_consumer_close`,
+/// on the polling thread, with the consumer's callback box as the opaque pointer.
+private func handleRebalance(
+    _ handle: OpaquePointer?, _ code: rd_kafka_resp_err_t,
+    _ partitions: UnsafeMutablePointer<rd_kafka_topic_partition_list_t>?, _ opaque: UnsafeMutableRawPointer?
+) {
+    if let partitions, let consumer = CallbackBox.from(opaque)?.consumer {
+        consumer.applyRebalance(code, partitions)
+        return
+    }
+    // The consumer is being destroyed: take librdkafka's default action so the group does not stall.
+    let isCooperative = String(cString: rd_kafka_rebalance_protocol(handle)) == "COOPERATIVE"
+    switch (code, isCooperative) {
+    case (RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS, true):
+        if let error = rd_kafka_incremental_assign(handle, partitions) { rd_kafka_error_destroy(error) }
+    case (RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS, false):
+        _ = rd_kafka_assign(handle, partitions)
+    case (_, true):
+        if let error = rd_kafka_incremental_unassign(handle, partitions) { rd_kafka_error_destroy(error) }
+    case (_, false):
+        _ = rd_kafka_assign(handle, nil)
+    }
+}

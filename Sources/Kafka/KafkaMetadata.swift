@@ -1,0 +1,39 @@
+import CRdKafka
+
+/// The partition count of each existing topic among `topics`, from a metadata request.
+func fetchPartitionCounts(_ handle: OpaquePointer, topics: [String], timeoutMilliseconds: Int32) throws(KafkaError)
+    -> [String: Int]
+{
+    var metadata: UnsafePointer<rd_kafka_metadata>?
+    // Asking for all topics avoids creating topic handles; the answer is filtered below.
+    let code = rd_kafka_metadata(handle, 1, nil, &metadata, timeoutMilliseconds)
+    guard code == RD_KAFKA_RESP_ERR_NO_ERROR, let metadata else {
+        throw KafkaError(code, operation: "metadata")
+    }
+    defer { rd_kafka_metadata_destroy(metadata) }
+
+    var counts: [String: Int] = [:]
+    let wanted = Set(topics)
+    for index in 0 ..< Int(metadata.pointee.topic_cnt) {
+        let topic = metadata.pointee.topics[index]
+        let name = String(cString: topic.topic)
+        guard wanted.contains(name), topic.err == RD_KAFKA_RESP_ERR_NO_ERROR else { continue }
+        counts[name] = Int(topic.partition_cnt)
+    }
+    return counts
+}
+
+/// The log start and end of one partition, from its leader.
+func queryWatermarks(_ handle: OpaquePointer, topic: String, partition: Int32, timeoutMilliseconds: Int32)
+    throws(KafkaError) -> KafkaWatermarks
+{
+    var low: Int64 = 0
+    var high: Int64 = 0
+    let code = rd_kafka_query_watermark_offsets(handle, topic, partition, &low, &high, timeoutMilliseconds)
+    guard code == RD_KAFKA_RESP_ERR_NO_ERROR else {
+        var error = KafkaError(code, operation: "query watermarks")
+        error.message += " (\(topic)[\(partition)])"
+        throw error
+    }
+    return KafkaWatermarks(low: low, high: high)
+}
