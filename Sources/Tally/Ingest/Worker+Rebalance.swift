@@ -1,0 +1,73 @@
+import Glibc
+import Kafka
+
+extension Worker {
+    /// Starts new partitions at their stored offsets in PostgreSQL, or at the log start when
+    /// none is stored. Kafka's committed offsets are never read.
+    public func partitionsAssigned(_ partitions: [KafkaTopicPartition]) -> [KafkaTopicPartition] {
+        let ids = partitions.map { PartitionID(topic: $0.topic, partition: $0.partition) }
+        var backoff = Backoff()
+        var stored: [PartitionID: Int64]?
+        while stored == nil {
+            if let store = connectedStore() {
+                do {
+                    stored = try store.storedOffsets(ids)
+                    break
+                } catch {
+                    logger.rateLimited(.error, "reading stored offsets failed; retrying", intervalSeconds: 10, ["error": error])
+                    store.connection.close()
+                    self.store = nil
+                }
+            }
+            if stopSignal.isRequested {
+                logger.warning("stopping before the assigned partitions could start", ["kafka.partitions": describe(ids)])
+                return []
+            }
+            sleepMilliseconds(backoff.next())
+        }
+
+        var start: [KafkaTopicPartition] = []
+        for partition in ids {
+            let offset = stored?[partition]
+            positions[partition] = PartitionPosition(storedOffset: offset, nextOffset: offset)
+            start.append(
+                KafkaTopicPartition(topic: partition.topic, partition: partition.partition, offset: offset ?? KafkaOffset.beginning))
+        }
+        logger.info(
+            "partitions assigned",
+            ["kafka.partitions": start.map { "\($0.topic)[\($0.partition)]@\($0.offset == KafkaOffset.beginning ? "start" : String($0.offset!))" }.joined(separator: ",")])
+        return start
+    }
+
+    /// Commits the batch in flight before the partitions go. When the assignment was lost,
+    /// another member may own them already, so their messages are dropped instead; the
+    /// stored-offset check would refuse them anyway.
+    public func partitionsRevoked(_ partitions: [KafkaTopicPartition], lost: Bool) {
+        let ids = Set(partitions.map { PartitionID(topic: $0.topic, partition: $0.partition) })
+        if lost {
+            let kept = pending.messages.filter { !ids.contains(PartitionID(topic: $0.topic, partition: $0.partition)) }
+            let dropped = pending.messages.count - kept.count
+            pending.removeAll()
+            for message in kept { pending.append(message) }
+            logger.warning(
+                "partitions lost; dropping their uncommitted messages",
+                ["kafka.partitions": describe(Array(ids)), "batch.dropped": dropped])
+        } else {
+            flush()
+            logger.info("partitions revoked", ["kafka.partitions": describe(Array(ids))])
+        }
+        for partition in ids { positions[partition] = nil }
+    }
+
+    private func describe(_ partitions: [PartitionID]) -> String {
+        partitions.sorted().map(\.description).joined(separator: ",")
+    }
+}
+
+func sleepMilliseconds(_ milliseconds: Int64) {
+    var request = timespec(tv_sec: Int(milliseconds / 1000), tv_nsec: Int(milliseconds % 1000) * 1_000_000)
+    var remaining = timespec()
+    while nanosleep(&request, &remaining) != 0 && errno == EINTR {
+        request = remaining
+    }
+}

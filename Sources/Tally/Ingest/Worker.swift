@@ -1,0 +1,297 @@
+import Glibc
+import Kafka
+import Postgres
+
+/// A worker failure that stops `tally run`, with a one-line message for the operator.
+public struct WorkerError: Error, Sendable, CustomStringConvertible {
+    public var description: String
+
+    public init(_ description: String) {
+        self.description = description
+    }
+}
+
+/// The ingest loop: consumes the topics as a member of the consumer group, validates each
+/// batch of messages and writes it to the ledger in one transaction.
+///
+/// `run()` blocks its thread until `stopSignal` is set or a fatal error occurs. Everything,
+/// the rebalance callbacks included, runs on that thread, so the worker needs no locks.
+public final class Worker: KafkaRebalanceHandler {
+    /// Called on the worker's thread after each committed batch.
+    public typealias CommitObserver = (BatchSummary) -> Void
+
+    let configuration: Configuration
+    let clock: any TallyClock
+    let logger: Logger
+    let stopSignal: StopSignal
+    let validator: EventValidator
+    let limits: ValidationLimits
+    var onCommit: CommitObserver?
+
+    var store: LedgerStore?
+    var consumer: KafkaConsumer?
+    /// The assigned partitions and what the worker knows of their stored offsets.
+    var positions: [PartitionID: PartitionPosition] = [:]
+    var pending = PendingBatch()
+    var totals = IngestTotals()
+    var lastProgressLog = MonotonicTime.now()
+    var lastMaintenance = MonotonicTime.now()
+
+    /// How often the dedupe partitions are checked, and progress is logged.
+    static let maintenanceIntervalMilliseconds: Int64 = 10 * 60 * 1000
+    static let progressIntervalMilliseconds: Int64 = 10 * 1000
+    /// The longest single wait for a message, so that a stop is noticed quickly.
+    static let pollTimeoutMilliseconds: Int64 = 100
+
+    public init(
+        configuration: Configuration, clock: any TallyClock = SystemClock(), logger: Logger, stopSignal: StopSignal,
+        onCommit: CommitObserver? = nil
+    ) {
+        self.configuration = configuration
+        self.clock = clock
+        self.logger = logger
+        self.stopSignal = stopSignal
+        self.onCommit = onCommit
+        self.limits = ValidationLimits(
+            maxPayloadBytes: configuration.ingest.maxPayloadBytes,
+            dedupeWindowMicroseconds: configuration.ingest.dedupeWindowMicroseconds,
+            maxFutureSkewMicroseconds: configuration.ingest.maxFutureSkewMicroseconds)
+        self.validator = EventValidator(meters: MeterSet(configuration.meters), limits: limits)
+    }
+
+    /// Connects, joins the group and ingests until stopped. Throws when PostgreSQL or Kafka
+    /// cannot be reached at start, or on a fatal Kafka error.
+    public func run() throws {
+        try start()
+        defer {
+            consumer = nil
+            store?.connection.close()
+            store = nil
+        }
+        logger.info(
+            "worker started",
+            [
+                "kafka.topics": configuration.kafka.topics.joined(separator: ","),
+                "kafka.group_id": configuration.kafka.groupID,
+                "pg.target": store!.connection.target,
+                "pg.schema": configuration.postgres.schema,
+                "meters": configuration.meters.count,
+            ])
+
+        while !stopSignal.isRequested {
+            let waited = pending.isEmpty ? Self.pollTimeoutMilliseconds : min(Self.pollTimeoutMilliseconds, max(0, pending.remainingWait(limitMilliseconds: Int64(configuration.ingest.batchMaxWaitMilliseconds))))
+            if let result = consumer!.poll(timeoutMilliseconds: Int32(waited)) {
+                try handle(result)
+            }
+            if pending.isFull(configuration.ingest) || pending.hasWaited(Int64(configuration.ingest.batchMaxWaitMilliseconds)) {
+                flush()
+            }
+            performPeriodicWork()
+        }
+
+        logger.info("stopping: finishing the batch in flight", ["batch.messages": pending.messages.count])
+        flush()
+        do {
+            // Leaving the group runs the revocation callback, which has nothing left to flush.
+            try consumer?.close()
+        } catch {
+            logger.warning("leaving the consumer group failed", ["error": error])
+        }
+        logTotals("worker stopped")
+    }
+
+    // MARK: Start
+
+    private func start() throws {
+        let store: LedgerStore
+        do {
+            store = try LedgerStore(settings: configuration.postgres, logger: logger)
+        } catch let error as PostgresError {
+            throw WorkerError("cannot connect to PostgreSQL: \(error.message)")
+        }
+        self.store = store
+        let changed = try store.recordMeters(configuration.meters)
+        for slug in changed {
+            logger.warning(
+                "meter definition changed; rollups written before were computed with the old definition",
+                ["meter": slug])
+        }
+        try store.maintainDedupePartitions(now: clock.now(), limits: limits)
+
+        let consumer = try KafkaConsumer(
+            properties: configuration.kafka.consumerProperties,
+            onLog: { [logger] record in logKafkaRecord(record, logger) },
+            onError: { [logger] error in
+                logger.rateLimited(
+                    error.isFatal ? .error : .warning, "kafka client error", intervalSeconds: 10,
+                    ["kafka.error": error.name, "error": error.message])
+            })
+        consumer.rebalanceHandler = self
+        self.consumer = consumer
+
+        let counts: [String: Int]
+        do {
+            counts = try consumer.partitionCounts(topics: configuration.kafka.topics, timeoutMilliseconds: 10_000)
+        } catch {
+            throw WorkerError("cannot reach the Kafka brokers at \(configuration.kafka.brokers): \(error.message)")
+        }
+        for topic in configuration.kafka.topics where counts[topic] == nil {
+            throw WorkerError("topic \(topic) does not exist on the Kafka brokers at \(configuration.kafka.brokers)")
+        }
+        try consumer.subscribe(topics: configuration.kafka.topics)
+    }
+
+    // MARK: Messages
+
+    private func handle(_ result: KafkaPollResult) throws {
+        switch result {
+        case .message(let message):
+            accept(message)
+        case .error(let error, let partition):
+            if error.isFatal {
+                throw WorkerError("fatal Kafka error: \(error)")
+            }
+            logger.rateLimited(
+                .warning, "kafka consumer error", intervalSeconds: 10,
+                [
+                    "kafka.error": error.name, "error": error.message,
+                    "kafka.partition": partition.map { "\($0.topic)[\($0.partition)]" } ?? "-",
+                ])
+        }
+    }
+
+    /// Adds a message to the pending batch, unless it is not ours or already handled.
+    private func accept(_ message: KafkaMessage) {
+        let partition = PartitionID(topic: message.topic, partition: message.partition)
+        guard var position = positions[partition] else {
+            // A message fetched before its partition was revoked.
+            return
+        }
+        if let next = position.nextOffset, message.offset < next {
+            logger.rateLimited(
+                .warning, "skipping a message below the next offset to process", intervalSeconds: 60,
+                ["kafka.topic": message.topic, "kafka.partition": message.partition, "kafka.offset": message.offset, "expected": next])
+            return
+        }
+        position.nextOffset = message.offset + 1
+        positions[partition] = position
+        pending.append(message)
+    }
+
+    private func performPeriodicWork() {
+        let now = MonotonicTime.now()
+        if now.milliseconds(since: lastProgressLog) >= Self.progressIntervalMilliseconds {
+            lastProgressLog = now
+            if totals.batchesSinceLastLog > 0 { logTotals("ingest progress") }
+            totals.batchesSinceLastLog = 0
+        }
+        if now.milliseconds(since: lastMaintenance) >= Self.maintenanceIntervalMilliseconds {
+            lastMaintenance = now
+            do {
+                try store?.maintainDedupePartitions(now: clock.now(), limits: limits)
+            } catch {
+                logger.warning("dedupe partition maintenance failed; retrying later", ["error": error])
+            }
+        }
+    }
+
+    func logTotals(_ message: String) {
+        logger.info(
+            message,
+            [
+                "batches": totals.batches, "ledger.accepted": totals.accepted, "ledger.unmetered": totals.unmetered,
+                "ledger.duplicates": totals.duplicates, "ledger.dead_letters": totals.deadLetters,
+            ])
+    }
+}
+
+/// What the worker knows about one assigned partition.
+struct PartitionPosition {
+    /// The stored offset in PostgreSQL as of the last commit: where the next batch starts.
+    /// Nil when the partition has none yet.
+    var storedOffset: Int64?
+    /// The next offset to add to the pending batch; nil until the first message.
+    var nextOffset: Int64?
+}
+
+/// Messages consumed and not yet written.
+struct PendingBatch {
+    var messages: [KafkaMessage] = []
+    var bytes = 0
+    var startedAt: MonotonicTime?
+
+    var isEmpty: Bool { messages.isEmpty }
+
+    mutating func append(_ message: KafkaMessage) {
+        if messages.isEmpty { startedAt = MonotonicTime.now() }
+        messages.append(message)
+        bytes += (message.value?.count ?? 0) + (message.key?.count ?? 0)
+    }
+
+    mutating func removeAll() {
+        messages.removeAll(keepingCapacity: true)
+        bytes = 0
+        startedAt = nil
+    }
+
+    func isFull(_ settings: IngestSettings) -> Bool {
+        messages.count >= settings.batchMaxMessages || bytes >= settings.batchMaxBytes
+    }
+
+    func hasWaited(_ limitMilliseconds: Int64) -> Bool {
+        guard let startedAt else { return false }
+        return MonotonicTime.now().milliseconds(since: startedAt) >= limitMilliseconds
+    }
+
+    /// Milliseconds left before the batch must be written.
+    func remainingWait(limitMilliseconds: Int64) -> Int64 {
+        guard let startedAt else { return limitMilliseconds }
+        return limitMilliseconds - MonotonicTime.now().milliseconds(since: startedAt)
+    }
+}
+
+/// Counts since the worker started, for the progress log.
+struct IngestTotals {
+    var batches = 0
+    var batchesSinceLastLog = 0
+    var accepted = 0
+    var unmetered = 0
+    var duplicates = 0
+    var deadLetters = 0
+
+    mutating func add(_ summary: BatchSummary) {
+        batches += 1
+        batchesSinceLastLog += 1
+        accepted += summary.accepted
+        unmetered += summary.unmetered
+        duplicates += summary.duplicates
+        deadLetters += summary.deadLetterCount
+    }
+}
+
+/// A reading of the monotonic clock, for timeouts that must not jump with the wall clock.
+struct MonotonicTime {
+    var nanoseconds: Int64
+
+    static func now() -> MonotonicTime {
+        var spec = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &spec)
+        return MonotonicTime(nanoseconds: Int64(spec.tv_sec) * 1_000_000_000 + Int64(spec.tv_nsec))
+    }
+
+    func milliseconds(since earlier: MonotonicTime) -> Int64 {
+        (nanoseconds - earlier.nanoseconds) / 1_000_000
+    }
+}
+
+/// Forwards a librdkafka log line. Runs on librdkafka's threads; the logger is thread-safe.
+private func logKafkaRecord(_ record: KafkaLogRecord, _ logger: Logger) {
+    let level: Logger.Level
+    switch record.level {
+    case ...3: level = .error
+    case 4: level = .warning
+    case 5, 6: level = .info
+    default: level = .debug
+    }
+    logger.log(level, "librdkafka", ["kafka.facility": record.facility, "kafka.client": record.client, "kafka.message": record.message])
+}

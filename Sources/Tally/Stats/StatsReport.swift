@@ -1,0 +1,114 @@
+import Kafka
+import Postgres
+
+/// What `tally stats` prints: per partition, the stored offset and the outcome counts, and per
+/// meter, the totals over all rollups.
+public struct StatsReport: Sendable {
+    public struct PartitionRow: Sendable {
+        public var partition: PartitionID
+        /// Where Tally started reading the partition; nil when nothing is stored yet.
+        public var firstOffset: Int64?
+        /// The stored offset: the next offset to read.
+        public var storedOffset: Int64?
+        public var accepted: Int64 = 0
+        public var unmetered: Int64 = 0
+        public var duplicates: Int64 = 0
+        public var deadLetters: [String: Int64] = [:]
+        public var gapOffsets: Int64 = 0
+        /// The log start and end reported by Kafka, when asked.
+        public var watermarks: KafkaWatermarks?
+
+        /// Messages in the log that Tally has not written yet.
+        public var lag: Int64? {
+            guard let watermarks else { return nil }
+            return max(0, watermarks.high - max(storedOffset ?? watermarks.low, watermarks.low))
+        }
+    }
+
+    public struct MeterRow: Sendable {
+        public var slug: String
+        public var aggregation: String
+        /// The meter's value over all time: the sum for `sum`, the event count for `count`,
+        /// the extreme for `min` and `max`, the latest value for `latest`. Exact decimal text.
+        public var total: String?
+        public var events: Int64
+        public var subjects: Int64
+    }
+
+    public var partitions: [PartitionRow]
+    public var meters: [MeterRow]
+
+    public var totalAccepted: Int64 { partitions.reduce(0) { $0 + $1.accepted } }
+    public var totalDuplicates: Int64 { partitions.reduce(0) { $0 + $1.duplicates } }
+    public var totalUnmetered: Int64 { partitions.reduce(0) { $0 + $1.unmetered } }
+    public var deadLettersByReason: [String: Int64] {
+        partitions.reduce(into: [:]) { totals, row in totals.merge(row.deadLetters, uniquingKeysWith: +) }
+    }
+}
+
+extension LedgerStore {
+    /// Reads the stored offsets, outcome counts and meter totals. Partitions of `topics` that
+    /// have no stored offset yet are listed when `partitionCounts` names them.
+    public func statsReport(meters: [Meter], partitionCounts: [String: Int] = [:]) throws(PostgresError) -> StatsReport {
+        var rows: [PartitionID: StatsReport.PartitionRow] = [:]
+        for (topic, count) in partitionCounts {
+            for partition in 0 ..< count {
+                let id = PartitionID(topic: topic, partition: Int32(partition))
+                rows[id] = StatsReport.PartitionRow(partition: id)
+            }
+        }
+
+        let offsets = try connection.execute(
+            """
+            SELECT topic, partition, first_offset, next_offset, accepted, unmetered, duplicates
+            FROM \(schema).partition_offsets
+            """)
+        for row in 0 ..< offsets.rowCount {
+            let id = PartitionID(topic: offsets.string(row: row, column: 0)!, partition: Int32(offsets.int(row: row, column: 1)!))
+            var entry = rows[id] ?? StatsReport.PartitionRow(partition: id)
+            entry.firstOffset = offsets.int(row: row, column: 2)
+            entry.storedOffset = offsets.int(row: row, column: 3)
+            entry.accepted = offsets.int(row: row, column: 4) ?? 0
+            entry.unmetered = offsets.int(row: row, column: 5) ?? 0
+            entry.duplicates = offsets.int(row: row, column: 6) ?? 0
+            rows[id] = entry
+        }
+
+        let deadLetters = try connection.execute("SELECT topic, partition, reason, count FROM \(schema).dead_letter_counts")
+        for row in 0 ..< deadLetters.rowCount {
+            let id = PartitionID(
+                topic: deadLetters.string(row: row, column: 0)!, partition: Int32(deadLetters.int(row: row, column: 1)!))
+            rows[id, default: StatsReport.PartitionRow(partition: id)].deadLetters[deadLetters.string(row: row, column: 2)!] =
+                deadLetters.int(row: row, column: 3) ?? 0
+        }
+
+        let gaps = try connection.execute(
+            "SELECT topic, partition, sum(to_offset - from_offset + 1) FROM \(schema).offset_gaps GROUP BY 1, 2")
+        for row in 0 ..< gaps.rowCount {
+            let id = PartitionID(topic: gaps.string(row: row, column: 0)!, partition: Int32(gaps.int(row: row, column: 1)!))
+            rows[id, default: StatsReport.PartitionRow(partition: id)].gapOffsets = gaps.int(row: row, column: 2) ?? 0
+        }
+
+        var meterRows: [StatsReport.MeterRow] = []
+        for meter in meters {
+            let totals = try connection.execute(
+                """
+                SELECT CASE $2
+                           WHEN 'sum' THEN sum(sum)::text
+                           WHEN 'count' THEN sum(event_count)::text
+                           WHEN 'min' THEN min(min)::text
+                           WHEN 'max' THEN max(max)::text
+                           WHEN 'latest' THEN (array_agg(latest ORDER BY latest_time DESC, latest_ledger_id DESC))[1]::text
+                       END,
+                       coalesce(sum(event_count), 0), count(DISTINCT subject)
+                FROM \(schema).rollups WHERE meter = $1
+                """,
+                [.text(meter.slug), .text(meter.aggregation.rawValue)])
+            meterRows.append(
+                StatsReport.MeterRow(
+                    slug: meter.slug, aggregation: meter.aggregation.rawValue, total: totals.string(row: 0, column: 0),
+                    events: totals.int(row: 0, column: 1) ?? 0, subjects: totals.int(row: 0, column: 2) ?? 0))
+        }
+        return StatsReport(partitions: rows.values.sorted { $0.partition < $1.partition }, meters: meterRows)
+    }
+}

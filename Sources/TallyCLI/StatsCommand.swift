@@ -1,0 +1,186 @@
+import Foundation
+import JSON
+import Kafka
+import Tally
+
+enum StatsCommand: Command {
+    static let help = """
+        Usage: tally stats --config FILE [--json] [--offline]
+
+        Prints, per partition, the stored offset (the next offset Tally reads), the Kafka log
+        start and end, the lag, and the counts of accepted events, unmetered events, duplicates
+        and dead letters by reason; then, per meter, its total over all rollups, its event
+        count and its number of subjects.
+
+        Options:
+          --config FILE  The YAML configuration of the worker.
+          --json         Print one JSON document instead of tables.
+          --offline      Do not ask Kafka for log starts and ends; show PostgreSQL's view only.
+        """
+
+    static let options = OptionSpec(options: ["config": .value, "json": .flag, "offline": .flag, "log-level": .value])
+
+    static func run(_ arguments: ParsedArguments) throws -> Int32 {
+        let configuration = try requiredConfiguration(arguments)
+        let logger = try commandLogger(arguments, fallback: .warning)
+
+        let store: LedgerStore
+        do {
+            store = try LedgerStore(settings: configuration.postgres, logger: logger)
+        } catch let error as SchemaVersionError {
+            throw CommandFailure(error.description)
+        } catch {
+            throw CommandFailure("cannot connect to PostgreSQL: \(error)")
+        }
+
+        var partitionCounts: [String: Int] = [:]
+        var consumer: KafkaConsumer?
+        if !arguments.has("offline") {
+            do {
+                let client = try KafkaConsumer(properties: configuration.kafka.consumerProperties)
+                partitionCounts = try client.partitionCounts(topics: configuration.kafka.topics, timeoutMilliseconds: 10_000)
+                consumer = client
+            } catch {
+                throw CommandFailure(
+                    "cannot reach the Kafka brokers at \(configuration.kafka.brokers): \(error); use --offline to skip Kafka")
+            }
+        }
+
+        var report = try store.statsReport(meters: configuration.meters, partitionCounts: partitionCounts)
+        if let consumer {
+            for index in report.partitions.indices where partitionCounts[report.partitions[index].partition.topic] != nil {
+                let partition = report.partitions[index].partition
+                report.partitions[index].watermarks = try consumer.watermarks(
+                    topic: partition.topic, partition: partition.partition, timeoutMilliseconds: 10_000)
+            }
+        }
+
+        print(arguments.has("json") ? renderJSON(report) : renderTables(report))
+        return 0
+    }
+
+    static func renderTables(_ report: StatsReport) -> String {
+        var partitionRows = [
+            ["PARTITION", "FIRST", "STORED", "LOG START", "LOG END", "LAG", "ACCEPTED", "UNMETERED", "DUPLICATES", "GAPS", "DEAD LETTERS"]
+        ]
+        for row in report.partitions {
+            let deadLetters = row.deadLetters.keys.sorted().map { "\($0)=\(row.deadLetters[$0]!)" }.joined(separator: " ")
+            partitionRows.append([
+                row.partition.description,
+                row.firstOffset.map(String.init) ?? "-",
+                row.storedOffset.map(String.init) ?? "-",
+                row.watermarks.map { String($0.low) } ?? "-",
+                row.watermarks.map { String($0.high) } ?? "-",
+                row.lag.map(String.init) ?? "-",
+                String(row.accepted), String(row.unmetered), String(row.duplicates), String(row.gapOffsets),
+                deadLetters.isEmpty ? "0" : deadLetters,
+            ])
+        }
+
+        var meterRows = [["METER", "AGGREGATION", "TOTAL", "EVENTS", "SUBJECTS"]]
+        for meter in report.meters {
+            meterRows.append([meter.slug, meter.aggregation, meter.total ?? "-", String(meter.events), String(meter.subjects)])
+        }
+
+        let deadLetters = report.deadLettersByReason
+        let reasons = deadLetters.keys.sorted().map { "\($0)=\(deadLetters[$0]!)" }.joined(separator: " ")
+        let totals =
+            "accepted=\(report.totalAccepted) unmetered=\(report.totalUnmetered) duplicates=\(report.totalDuplicates) "
+            + "dead_letters=\(deadLetters.values.reduce(0, +))" + (reasons.isEmpty ? "" : " (\(reasons))")
+        return table(partitionRows) + "\n\n" + table(meterRows) + "\n\nTOTAL " + totals
+    }
+
+    static func renderJSON(_ report: StatsReport) -> String {
+        let writer = JSONWriter()
+        func optional(_ value: Int64?) {
+            if let value { writer.number(value) } else { writer.null() }
+        }
+
+        writer.beginObject()
+        writer.key("partitions")
+        writer.beginArray()
+        for row in report.partitions {
+            writer.beginObject()
+            writer.key("topic")
+            writer.string(row.partition.topic)
+            writer.key("partition")
+            writer.number(Int64(row.partition.partition))
+            writer.key("first_offset")
+            optional(row.firstOffset)
+            writer.key("stored_offset")
+            optional(row.storedOffset)
+            writer.key("log_start")
+            optional(row.watermarks?.low)
+            writer.key("log_end")
+            optional(row.watermarks?.high)
+            writer.key("lag")
+            optional(row.lag)
+            writer.key("accepted")
+            writer.number(row.accepted)
+            writer.key("unmetered")
+            writer.number(row.unmetered)
+            writer.key("duplicates")
+            writer.number(row.duplicates)
+            writer.key("gap_offsets")
+            writer.number(row.gapOffsets)
+            writer.key("dead_letters")
+            writer.beginObject()
+            for reason in row.deadLetters.keys.sorted() {
+                writer.key(reason)
+                writer.number(row.deadLetters[reason]!)
+            }
+            writer.endObject()
+            writer.endObject()
+        }
+        writer.endArray()
+
+        writer.key("meters")
+        writer.beginArray()
+        for meter in report.meters {
+            writer.beginObject()
+            writer.key("slug")
+            writer.string(meter.slug)
+            writer.key("aggregation")
+            writer.string(meter.aggregation)
+            writer.key("total")
+            // Exact decimal text, as a JSON number so tools read it without quoting rules.
+            if let total = meter.total { writer.number(total) } else { writer.null() }
+            writer.key("events")
+            writer.number(meter.events)
+            writer.key("subjects")
+            writer.number(meter.subjects)
+            writer.endObject()
+        }
+        writer.endArray()
+
+        writer.key("totals")
+        writer.beginObject()
+        writer.key("accepted")
+        writer.number(report.totalAccepted)
+        writer.key("unmetered")
+        writer.number(report.totalUnmetered)
+        writer.key("duplicates")
+        writer.number(report.totalDuplicates)
+        writer.key("dead_letters")
+        writer.beginObject()
+        let deadLetters = report.deadLettersByReason
+        for reason in deadLetters.keys.sorted() {
+            writer.key(reason)
+            writer.number(deadLetters[reason]!)
+        }
+        writer.endObject()
+        writer.endObject()
+        writer.endObject()
+        return writer.text
+    }
+
+    /// Left-aligned columns separated by two spaces.
+    static func table(_ rows: [[String]]) -> String {
+        let widths = rows[0].indices.map { column in rows.map { $0[column].count }.max() ?? 0 }
+        return rows.map { row in
+            row.enumerated().map { column, cell in
+                column == row.count - 1 ? cell : cell.padding(toLength: widths[column], withPad: " ", startingAt: 0)
+            }.joined(separator: "  ")
+        }.joined(separator: "\n")
+    }
+}

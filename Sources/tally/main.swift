@@ -1,0 +1,4 @@
+import Glibc
+import TallyCLI
+
+exit(TallyCommand.main(CommandLine.arguments))
