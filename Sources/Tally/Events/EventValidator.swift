@@ -48,6 +48,9 @@ public final class EventValidator {
     static let requiredStringAttributes = ["id", "source", "type", "subject"]
     /// Attributes with their own columns in the ledger; every other one is kept in `attributes`.
     static let ledgerColumns: Set<ByteString> = Set(["specversion", "id", "source", "type", "subject", "time", "data"].map(ByteString.init))
+    /// The longest `id`, `source`, `type` and `subject`, in bytes. They are indexed, and a
+    /// PostgreSQL B-tree entry must stay under about 2.7 kB.
+    public static let maxAttributeBytes = 1024
     /// Number literals past these sizes may not fit PostgreSQL's `numeric`, which `jsonb` uses.
     static let maxNumberLiteralLength = 1000
     static let maxNumberExponent = 10_000
@@ -121,6 +124,9 @@ public final class EventValidator {
             switch root.member(name) {
             case nil:
                 return .failure(Rejection(.missingAttribute, "\(name) is missing"))
+            case .string(let text)? where text.utf8.count > Self.maxAttributeBytes:
+                return .failure(
+                    Rejection(.invalidAttribute, "\(name) has \(text.utf8.count) bytes; the limit is \(Self.maxAttributeBytes)"))
             case .string(let text)? where !text.isEmpty:
                 strings[name] = text
             case .string?:

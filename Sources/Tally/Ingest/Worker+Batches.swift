@@ -163,7 +163,7 @@ extension Worker {
                 logger.rateLimited(.warning, "committing offsets to Kafka failed", intervalSeconds: 60, ["error": error])
             }
         }
-        onCommit?(summary)
+        observer.batchCommitted(summary)
     }
 
     /// Another consumer wrote some of these partitions: drop the batch and go back to the

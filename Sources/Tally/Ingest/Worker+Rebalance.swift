@@ -36,6 +36,7 @@ extension Worker {
         logger.info(
             "partitions assigned",
             ["kafka.partitions": start.map { "\($0.topic)[\($0.partition)]@\($0.offset == KafkaOffset.beginning ? "start" : String($0.offset!))" }.joined(separator: ",")])
+        observer.partitionsAssigned(Dictionary(uniqueKeysWithValues: ids.map { ($0, stored?[$0]) }))
         return start
     }
 

@@ -17,8 +17,21 @@ public struct WorkerError: Error, Sendable, CustomStringConvertible {
 /// `run()` blocks its thread until `stopSignal` is set or a fatal error occurs. Everything,
 /// the rebalance callbacks included, runs on that thread, so the worker needs no locks.
 public final class Worker: KafkaRebalanceHandler {
-    /// Called on the worker's thread after each committed batch.
-    public typealias CommitObserver = (BatchSummary) -> Void
+    /// Callbacks for tests and embedding programs. Both run on the worker's thread.
+    public struct Observer {
+        /// After partitions are assigned, with the stored offset each starts from (nil: the log start).
+        public var partitionsAssigned: ([PartitionID: Int64?]) -> Void = { _ in }
+        /// After each committed batch.
+        public var batchCommitted: (BatchSummary) -> Void = { _ in }
+
+        public init(
+            partitionsAssigned: @escaping ([PartitionID: Int64?]) -> Void = { _ in },
+            batchCommitted: @escaping (BatchSummary) -> Void = { _ in }
+        ) {
+            self.partitionsAssigned = partitionsAssigned
+            self.batchCommitted = batchCommitted
+        }
+    }
 
     let configuration: Configuration
     let clock: any TallyClock
@@ -26,7 +39,7 @@ public final class Worker: KafkaRebalanceHandler {
     let stopSignal: StopSignal
     let validator: EventValidator
     let limits: ValidationLimits
-    var onCommit: CommitObserver?
+    let observer: Observer
 
     var store: LedgerStore?
     var consumer: KafkaConsumer?
@@ -45,13 +58,13 @@ public final class Worker: KafkaRebalanceHandler {
 
     public init(
         configuration: Configuration, clock: any TallyClock = SystemClock(), logger: Logger, stopSignal: StopSignal,
-        onCommit: CommitObserver? = nil
+        observer: Observer = Observer()
     ) {
         self.configuration = configuration
         self.clock = clock
         self.logger = logger
         self.stopSignal = stopSignal
-        self.onCommit = onCommit
+        self.observer = observer
         self.limits = ValidationLimits(
             maxPayloadBytes: configuration.ingest.maxPayloadBytes,
             dedupeWindowMicroseconds: configuration.ingest.dedupeWindowMicroseconds,

@@ -62,6 +62,9 @@ public struct MeterReading: Sendable, Equatable {
     }
 }
 
+/// The longest group-by value, in bytes: the values are part of the rollups' primary key.
+public let maxGroupValueBytes = 256
+
 /// The configured meters, looked up by event type.
 public struct MeterSet: Sendable {
     public let meters: [Meter]
@@ -111,15 +114,16 @@ public struct MeterSet: Sendable {
 
             var groups: [(name: String, value: String?)] = []
             for dimension in meter.groupBy {
+                let text: String?
                 switch dimension.path.evaluate(in: event) {
                 case nil, .null?:
-                    groups.append((dimension.name, nil))
-                case .string(let text)?:
-                    groups.append((dimension.name, text))
+                    text = nil
+                case .string(let value)?:
+                    text = value
                 case .number(let literal)?:
-                    groups.append((dimension.name, literal))
+                    text = literal
                 case .bool(let flag)?:
-                    groups.append((dimension.name, flag ? "true" : "false"))
+                    text = flag ? "true" : "false"
                 case let value?:
                     return .failure(
                         Rejection(
@@ -127,6 +131,14 @@ public struct MeterSet: Sendable {
                             "meter \(meter.slug): group_by \(dimension.name) at \(dimension.path) is a JSON \(value.typeName); use a string, number or boolean"
                         ))
                 }
+                if let text, text.utf8.count > maxGroupValueBytes {
+                    return .failure(
+                        Rejection(
+                            .invalidValue,
+                            "meter \(meter.slug): group_by \(dimension.name) has \(text.utf8.count) bytes; the limit is \(maxGroupValueBytes)"
+                        ))
+                }
+                groups.append((dimension.name, text))
             }
             readings.append(MeterReading(meter: meter.slug, quantity: quantity, groups: groups))
         }

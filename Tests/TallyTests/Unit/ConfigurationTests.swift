@@ -1,0 +1,117 @@
+import Foundation
+import Tally
+import Testing
+
+@Suite("Configuration")
+struct ConfigurationTests {
+    static let minimal = """
+        kafka:
+          brokers: 127.0.0.1:9092
+          topics: [usage]
+          group_id: tally
+        meters:
+          - slug: api_calls
+            event_type: api.call
+            aggregation: sum
+            value: $.data.quantity
+        """
+
+    func parse(_ text: String, environment: [String: String] = [:]) throws(ConfigurationError) -> Configuration {
+        try Configuration.parse(yaml: text, environment: environment)
+    }
+
+    func message(_ text: String) -> String {
+        do {
+            _ = try parse(text)
+            return "no error"
+        } catch {
+            return error.message
+        }
+    }
+
+    @Test func exampleConfigurationLoads() throws {
+        let path = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("../../../docs/examples/tally.yaml").path
+        let configuration = try Configuration.load(path: path, environment: ["KAFKA_PASSWORD": "secret"])
+        #expect(configuration.kafka.topics == ["usage"])
+        #expect(configuration.meters.map(\.slug) == ["input_tokens", "output_tokens", "requests"])
+        #expect(configuration.meters[0].groupBy.map(\.name) == ["model"])
+        #expect(configuration.kafka.properties.first { $0.0 == "sasl.password" }?.1 == "secret")
+        #expect(configuration.postgres.schema == "tally")
+        #expect(configuration.ingest.batchMaxMessages == 5000)
+    }
+
+    @Test func defaultsApplyWhenSectionsAreLeftOut() throws {
+        let configuration = try parse(Self.minimal)
+        #expect(configuration.ingest.dedupeWindowMicroseconds == 35 * 86_400_000_000)
+        #expect(configuration.ingest.maxFutureSkewMicroseconds == 300_000_000)
+        #expect(configuration.ingest.maxPayloadBytes == 1_048_576)
+        #expect(configuration.postgres.conninfo == "")
+        #expect(configuration.postgres.schema == "tally")
+    }
+
+    @Test func durationsAndSizesAreRead() throws {
+        let configuration = try parse(
+            Self.minimal + """
+
+                ingest:
+                  dedupe_window: 40d
+                  max_future_skew: 90s
+                  max_payload_bytes: 512KiB
+                  batch:
+                    max_messages: 100
+                    max_bytes: 2MiB
+                    max_wait: 20ms
+                """)
+        #expect(configuration.ingest.dedupeWindowMicroseconds == 40 * 86_400_000_000)
+        #expect(configuration.ingest.maxFutureSkewMicroseconds == 90_000_000)
+        #expect(configuration.ingest.maxPayloadBytes == 512 * 1024)
+        #expect(configuration.ingest.batchMaxMessages == 100)
+        #expect(configuration.ingest.batchMaxBytes == 2 << 20)
+        #expect(configuration.ingest.batchMaxWaitMilliseconds == 20)
+    }
+
+    @Test func unknownKeyNamesItsPlace() {
+        let text = Self.minimal.replacingOccurrences(of: "group_id: tally", with: "group_id: tally\n  groupid: x")
+        #expect(message(text).contains("unknown key groupid in kafka at line 5"))
+    }
+
+    @Test func managedKafkaPropertiesAreRejected() {
+        let text = Self.minimal.replacingOccurrences(
+            of: "group_id: tally", with: "group_id: tally\n  properties:\n    enable.auto.commit: \"true\"")
+        #expect(message(text).contains("enable.auto.commit"))
+    }
+
+    @Test func meterMistakesAreReported() {
+        #expect(message(Self.minimal.replacingOccurrences(of: "aggregation: sum", with: "aggregation: avg")).contains("avg"))
+        #expect(message(Self.minimal.replacingOccurrences(of: "\n    value: $.data.quantity", with: "")).contains("needs a value path"))
+        #expect(message(Self.minimal.replacingOccurrences(of: "$.data.quantity", with: "data.quantity")).contains("must start with '$'"))
+        #expect(message(Self.minimal + "\n  - slug: api_calls\n    event_type: x\n    aggregation: count").contains("used twice"))
+        #expect(message(Self.minimal.replacingOccurrences(of: "aggregation: sum\n    value: $.data.quantity", with: "aggregation: count\n    value: $.data.quantity")).contains("takes no value"))
+    }
+
+    @Test func environmentVariablesAreExpanded() throws {
+        let text = Self.minimal + "\npostgres:\n  conninfo: host=db password=${PGPASS_TEST}"
+        #expect(try parse(text, environment: ["PGPASS_TEST": "s3cret"]).postgres.conninfo == "host=db password=s3cret")
+        #expect(message(text).contains("PGPASS_TEST, which is not set"))
+    }
+
+    @Test func duplicateYAMLKeysAndAliasesAreRejected() {
+        #expect(message(Self.minimal + "\nkafka:\n  brokers: x").contains("duplicate key"))
+        #expect(message("kafka: &k\n  brokers: x\nother: *k").contains("aliases"))
+        #expect(message("kafka: [").contains("invalid YAML"))
+    }
+
+    @Test func jsonPathsAcceptBracketsAndIndexes() throws {
+        let path = try JSONPath("$.data['model.name'].items[2]")
+        #expect(path.steps == [.member(ByteString("data")), .member(ByteString("model.name")), .member(ByteString("items")), .index(2)])
+        #expect(throws: ConfigurationError.self) { try JSONPath("$") }
+        #expect(throws: ConfigurationError.self) { try JSONPath("$.data[") }
+        #expect(throws: ConfigurationError.self) { try JSONPath("$..x") }
+    }
+
+    @Test func secretsAreRecognizedForLogs() {
+        #expect(KafkaSettings.isSecret("sasl.password"))
+        #expect(KafkaSettings.isSecret("ssl.key.password"))
+        #expect(!KafkaSettings.isSecret("security.protocol"))
+    }
+}
