@@ -2,16 +2,17 @@ import CLibCrypto
 
 /// SHA-256 through OpenSSL's libcrypto.
 public enum SHA256 {
-    /// The 32-byte SHA-256 digest of `bytes`.
+    /// Computes the 32-byte SHA-256 digest of `bytes`.
     public static func digest(_ bytes: [UInt8]) -> [UInt8] {
         bytes.withUnsafeBufferPointer { digest($0) }
     }
 
-    /// The 32-byte SHA-256 digest of the bytes in `buffer`.
+    /// Computes the 32-byte SHA-256 digest of the bytes in `buffer`.
     public static func digest(_ buffer: UnsafeBufferPointer<UInt8>) -> [UInt8] {
         var output = [UInt8](repeating: 0, count: Int(EVP_MAX_MD_SIZE))
         var length: UInt32 = 0
-        // EVP_Digest returns 1 on success. It only fails when memory runs out.
+        // EVP_Digest returns 1 on success; with a built-in digest such as SHA-256 it fails only
+        // when memory allocation fails, which this code treats as fatal.
         let status = output.withUnsafeMutableBufferPointer { outputBuffer in
             EVP_Digest(buffer.baseAddress, buffer.count, outputBuffer.baseAddress, &length, EVP_sha256(), nil)
         }

@@ -1,6 +1,6 @@
 import CYajl
 
-/// Why a byte string is not accepted as a JSON document.
+/// The reason a byte string is not accepted as a JSON document.
 public enum JSONParseError: Error, Equatable, Sendable, CustomStringConvertible {
     /// The bytes are not valid UTF-8. `offset` is the first byte of the invalid sequence.
     case invalidUTF8(offset: Int)
@@ -101,7 +101,7 @@ public final class JSONParser {
     }
 }
 
-/// The first line of yajl's own error text, for example "lexical error: invalid char in json text."
+/// Returns the first line of yajl's own error text, for example "lexical error: invalid char in json text."
 private func yajlErrorMessage(_ handle: yajl_handle, _ buffer: UnsafeBufferPointer<UInt8>) -> String {
     guard let raw = yajl_get_error(handle, 0, buffer.baseAddress, buffer.count) else {
         return "parse error"
@@ -121,7 +121,7 @@ extension String {
     }
 }
 
-/// The offset of the first byte that does not start or continue a valid UTF-8 sequence.
+/// Finds the offset of the first byte that does not start or continue a valid UTF-8 sequence.
 private func firstInvalidUTF8Offset(_ buffer: UnsafeBufferPointer<UInt8>) -> Int? {
     var iterator = buffer.makeIterator()
     var parser = Unicode.UTF8.ForwardParser()
@@ -138,7 +138,7 @@ private func firstInvalidUTF8Offset(_ buffer: UnsafeBufferPointer<UInt8>) -> Int
     }
 }
 
-/// The offset of the first `\u` escape of a surrogate that is not part of a high-low pair.
+/// Finds the offset of the first `\u` escape of a surrogate that is not part of a high-low pair.
 ///
 /// This runs after yajl accepted the document. In valid JSON a backslash occurs only inside a
 /// string, where it always starts an escape, so reading escapes left to right is exact.
@@ -151,7 +151,7 @@ private func firstUnpairedSurrogateEscape(_ buffer: UnsafeBufferPointer<UInt8>) 
             return nil
         }
         var value: UInt16 = 0
-        for position in index + 2 ..< index + 6 {
+        for position in index + 2..<index + 6 {
             guard let digit = hexDigitValue(buffer[position]) else { return nil }
             value = value << 4 | UInt16(digit)
         }
@@ -169,12 +169,12 @@ private func firstUnpairedSurrogateEscape(_ buffer: UnsafeBufferPointer<UInt8>) 
             continue
         }
         switch unit {
-        case 0xD800 ... 0xDBFF:
-            guard let low = codeUnit(at: index + 6), (0xDC00 ... 0xDFFF).contains(low) else {
+        case 0xD800...0xDBFF:
+            guard let low = codeUnit(at: index + 6), (0xDC00...0xDFFF).contains(low) else {
                 return index
             }
             index += 12
-        case 0xDC00 ... 0xDFFF:
+        case 0xDC00...0xDFFF:
             return index
         default:
             index += 6
@@ -185,9 +185,9 @@ private func firstUnpairedSurrogateEscape(_ buffer: UnsafeBufferPointer<UInt8>) 
 
 private func hexDigitValue(_ byte: UInt8) -> UInt8? {
     switch byte {
-    case UInt8(ascii: "0") ... UInt8(ascii: "9"): return byte - UInt8(ascii: "0")
-    case UInt8(ascii: "a") ... UInt8(ascii: "f"): return byte - UInt8(ascii: "a") + 10
-    case UInt8(ascii: "A") ... UInt8(ascii: "F"): return byte - UInt8(ascii: "A") + 10
+    case UInt8(ascii: "0")...UInt8(ascii: "9"): return byte - UInt8(ascii: "0")
+    case UInt8(ascii: "a")...UInt8(ascii: "f"): return byte - UInt8(ascii: "a") + 10
+    case UInt8(ascii: "A")...UInt8(ascii: "F"): return byte - UInt8(ascii: "A") + 10
     default: return nil
     }
 }
@@ -278,7 +278,7 @@ private struct TreeBuilder {
         }
     }
 
-    /// A JSONPath-like location of the innermost container, such as `$.data.items[2]`.
+    /// Describes the location of the innermost container, such as `$.data.items[2]`.
     func currentPath() -> String {
         var path = "$"
         for (index, frame) in stack.enumerated() where index < stack.count - 1 {
@@ -312,9 +312,10 @@ private func onBoolean(_ context: UnsafeMutableRawPointer?, _ value: Int32) -> I
 }
 
 private func onNumber(_ context: UnsafeMutableRawPointer?, _ pointer: UnsafePointer<CChar>?, _ length: Int) -> Int32 {
-    let literal = pointer.map { start in
-        start.withMemoryRebound(to: UInt8.self, capacity: length) { text($0, length) }
-    } ?? ""
+    let literal =
+        pointer.map { start in
+            start.withMemoryRebound(to: UInt8.self, capacity: length) { text($0, length) }
+        } ?? ""
     return builder(context).pointee.add(.number(literal)) ? 1 : 0
 }
 

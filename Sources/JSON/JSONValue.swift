@@ -28,7 +28,7 @@ public struct JSONMember: Sendable {
 }
 
 extension JSONValue {
-    /// The value of the member whose key has exactly the bytes of `key`, if this is an object.
+    /// Returns the value of the member whose key has exactly the bytes of `key`, if this is an object.
     public func member(_ key: String) -> JSONValue? {
         guard case .object(let members) = self else { return nil }
         for member in members where member.key.utf8.elementsEqual(key.utf8) {

@@ -134,7 +134,7 @@ public final class JSONWriter {
 }
 
 extension JSONValue {
-    /// The compact JSON text of this value, with object keys sorted by bytes when `sortingKeys` is set.
+    /// Serializes this value as compact JSON, with object keys sorted by bytes when `sortingKeys` is set.
     public func serialized(sortingKeys: Bool = false) -> [UInt8] {
         let writer = JSONWriter()
         writer.write(self, sortingKeys: sortingKeys)

@@ -36,8 +36,8 @@ final class CallbackBox: @unchecked Sendable {
 
 /// Builds an `rd_kafka_conf_t` from string properties and the callback box.
 ///
-/// Every property goes to librdkafka unchanged, so any setting it knows (SASL, TLS, timeouts)
-/// works without code here. The returned configuration belongs to the caller until
+/// Every property goes to librdkafka unchanged, so any setting it supports (SASL, TLS,
+/// timeouts) works without code here. The returned configuration belongs to the caller until
 /// `rd_kafka_new` succeeds; on a thrown error nothing is left to free.
 func makeConfiguration(_ properties: [(String, String)], box: CallbackBox) throws(KafkaError) -> OpaquePointer {
     guard let configuration = rd_kafka_conf_new() else {
@@ -69,7 +69,9 @@ func makeHandle(_ type: rd_kafka_type_t, _ configuration: OpaquePointer) throws(
 }
 
 /// Called by librdkafka on its internal threads.
-private func forwardLog(_ handle: OpaquePointer?, _ level: Int32, _ facility: UnsafePointer<CChar>?, _ text: UnsafePointer<CChar>?) {
+private func forwardLog(
+    _ handle: OpaquePointer?, _ level: Int32, _ facility: UnsafePointer<CChar>?, _ text: UnsafePointer<CChar>?
+) {
     guard let handle, let box = CallbackBox.from(rd_kafka_opaque(handle)), let onLog = box.onLog else { return }
     onLog(
         KafkaLogRecord(
@@ -80,7 +82,9 @@ private func forwardLog(_ handle: OpaquePointer?, _ level: Int32, _ facility: Un
 }
 
 /// Called by librdkafka from the polling thread for errors that are not tied to one message.
-private func forwardError(_ handle: OpaquePointer?, _ code: Int32, _ reason: UnsafePointer<CChar>?, _ opaque: UnsafeMutableRawPointer?) {
+private func forwardError(
+    _ handle: OpaquePointer?, _ code: Int32, _ reason: UnsafePointer<CChar>?, _ opaque: UnsafeMutableRawPointer?
+) {
     guard let box = CallbackBox.from(opaque), let onError = box.onError else { return }
     var isFatal = code == RD_KAFKA_RESP_ERR__FATAL.rawValue
     var message = reason.map { String(cString: $0) } ?? ""
@@ -94,7 +98,7 @@ private func forwardError(_ handle: OpaquePointer?, _ code: Int32, _ reason: Uns
     onError(KafkaError(code: errorCode, message: message, operation: "client", isFatal: isFatal))
 }
 
-/// The text of a NUL-terminated C buffer that librdkafka filled in.
+/// Decodes a NUL-terminated C buffer that librdkafka filled in.
 func cBufferString(_ buffer: [CChar]) -> String {
     let bytes = buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }
     return String(decoding: bytes, as: UTF8.self)

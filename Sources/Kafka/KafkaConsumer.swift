@@ -12,7 +12,7 @@ public protocol KafkaRebalanceHandler: AnyObject {
     func partitionsRevoked(_ partitions: [KafkaTopicPartition], lost: Bool)
 }
 
-/// What one poll returned.
+/// The result of one poll.
 public enum KafkaPollResult: Sendable {
     case message(KafkaMessage)
     /// A consumer error, for one partition when `partition` is set.
@@ -56,7 +56,7 @@ public final class KafkaConsumer {
         rd_kafka_destroy(handle)
     }
 
-    /// The object told about rebalances. Not retained.
+    /// The object that receives rebalances. The consumer does not retain it.
     public var rebalanceHandler: (any KafkaRebalanceHandler)? {
         get { box.rebalanceHandler }
         set { box.rebalanceHandler = newValue }
@@ -138,7 +138,7 @@ public final class KafkaConsumer {
         guard code == RD_KAFKA_RESP_ERR_NO_ERROR else { throw KafkaError(code, operation: "commit") }
     }
 
-    /// The offsets the group has committed for the partitions, nil where none is committed.
+    /// Fetches the offsets the group has committed for the partitions, nil where none is committed.
     public func committedOffsets(_ partitions: [KafkaTopicPartition], timeoutMilliseconds: Int32) throws(KafkaError)
         -> [KafkaTopicPartition]
     {
@@ -152,29 +152,31 @@ public final class KafkaConsumer {
         }
     }
 
-    /// The partitions currently assigned to this consumer.
+    /// Returns the partitions currently assigned to this consumer.
     public func assignment() throws(KafkaError) -> [KafkaTopicPartition] {
         var list: UnsafeMutablePointer<rd_kafka_topic_partition_list_t>?
         let code = rd_kafka_assignment(handle, &list)
         guard code == RD_KAFKA_RESP_ERR_NO_ERROR, let list else { throw KafkaError(code, operation: "assignment") }
         defer { rd_kafka_topic_partition_list_destroy(list) }
-        return TopicPartitionList.entries(of: list).map { KafkaTopicPartition(topic: $0.topic, partition: $0.partition) }
+        return TopicPartitionList.entries(of: list).map {
+            KafkaTopicPartition(topic: $0.topic, partition: $0.partition)
+        }
     }
 
-    /// The number of partitions of each topic that exists, asking the brokers. A topic
-    /// that does not exist is left out. Throws when no broker answers in time.
+    /// Asks the brokers for the number of partitions of each topic among `topics`. A topic
+    /// that does not exist is left out. Throws when no broker responds in time.
     public func partitionCounts(topics: [String], timeoutMilliseconds: Int32) throws(KafkaError) -> [String: Int] {
         try fetchPartitionCounts(handle, topics: topics, timeoutMilliseconds: timeoutMilliseconds)
     }
 
-    /// The log start and end of a partition, asking its leader.
+    /// Asks a partition's leader for its log start and end.
     public func watermarks(topic: String, partition: Int32, timeoutMilliseconds: Int32) throws(KafkaError)
         -> KafkaWatermarks
     {
         try queryWatermarks(handle, topic: topic, partition: partition, timeoutMilliseconds: timeoutMilliseconds)
     }
 
-    /// Leaves the group: the rebalance handler is told of the revocation, then the consumer
+    /// Leaves the group: the rebalance handler receives the revocation, then the consumer
     /// stops. Call it once, from the polling thread.
     public func close() throws(KafkaError) {
         guard !isClosed else { return }
@@ -193,8 +195,11 @@ public final class KafkaConsumer {
 
         switch code {
         case RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS:
-            let start = box.rebalanceHandler?.partitionsAssigned(entries)
-                ?? entries.map { KafkaTopicPartition(topic: $0.topic, partition: $0.partition, offset: KafkaOffset.beginning) }
+            let start =
+                box.rebalanceHandler?.partitionsAssigned(entries)
+                ?? entries.map {
+                    KafkaTopicPartition(topic: $0.topic, partition: $0.partition, offset: KafkaOffset.beginning)
+                }
             let list = TopicPartitionList(start)
             if isCooperative {
                 if let error = rd_kafka_incremental_assign(handle, list.pointer) {

@@ -21,12 +21,12 @@ public struct KafkaError: Error, Sendable, CustomStringConvertible {
         self.isRetriable = isRetriable
     }
 
-    /// An error from a response code, with librdkafka's text for it.
+    /// Creates an error from a response code, with librdkafka's text for it.
     init(_ code: rd_kafka_resp_err_t, operation: String) {
         self.init(code: code.rawValue, message: String(cString: rd_kafka_err2str(code)), operation: operation)
     }
 
-    /// An error from an `rd_kafka_error_t`, which this initializer destroys.
+    /// Creates an error from an `rd_kafka_error_t`, which this initializer destroys.
     init(consuming error: OpaquePointer, operation: String) {
         defer { rd_kafka_error_destroy(error) }
         self.init(
@@ -37,7 +37,7 @@ public struct KafkaError: Error, Sendable, CustomStringConvertible {
             isRetriable: rd_kafka_error_is_retriable(error) != 0)
     }
 
-    /// An error for a step that failed in this layer, with no librdkafka code.
+    /// Creates an error for a step that failed in this layer, with no librdkafka code.
     static func local(_ message: String, operation: String) -> KafkaError {
         KafkaError(code: RD_KAFKA_RESP_ERR__FAIL.rawValue, message: message, operation: operation)
     }

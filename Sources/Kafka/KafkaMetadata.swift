@@ -1,11 +1,11 @@
 import CRdKafka
 
-/// The partition count of each existing topic among `topics`, from a metadata request.
+/// Sends a metadata request and returns the partition count of each existing topic among `topics`.
 func fetchPartitionCounts(_ handle: OpaquePointer, topics: [String], timeoutMilliseconds: Int32) throws(KafkaError)
     -> [String: Int]
 {
     var metadata: UnsafePointer<rd_kafka_metadata>?
-    // Asking for all topics avoids creating topic handles; the answer is filtered below.
+    // Asking for all topics avoids creating topic handles. The response is filtered below.
     let code = rd_kafka_metadata(handle, 1, nil, &metadata, timeoutMilliseconds)
     guard code == RD_KAFKA_RESP_ERR_NO_ERROR, let metadata else {
         throw KafkaError(code, operation: "metadata")
@@ -14,7 +14,7 @@ func fetchPartitionCounts(_ handle: OpaquePointer, topics: [String], timeoutMill
 
     var counts: [String: Int] = [:]
     let wanted = Set(topics)
-    for index in 0 ..< Int(metadata.pointee.topic_cnt) {
+    for index in 0..<Int(metadata.pointee.topic_cnt) {
         let topic = metadata.pointee.topics[index]
         let name = String(cString: topic.topic)
         guard wanted.contains(name), topic.err == RD_KAFKA_RESP_ERR_NO_ERROR else { continue }
@@ -23,7 +23,7 @@ func fetchPartitionCounts(_ handle: OpaquePointer, topics: [String], timeoutMill
     return counts
 }
 
-/// The log start and end of one partition, from its leader.
+/// Asks a partition's leader for its log start and end.
 func queryWatermarks(_ handle: OpaquePointer, topic: String, partition: Int32, timeoutMilliseconds: Int32)
     throws(KafkaError) -> KafkaWatermarks
 {

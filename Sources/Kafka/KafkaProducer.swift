@@ -39,7 +39,8 @@ public final class KafkaProducer {
                 let code = header.name.withUnsafeBufferPointer { name in
                     name.withMemoryRebound(to: CChar.self) { nameCharacters in
                         withOptionalBytes(header.value) { value, length in
-                            rd_kafka_header_add(headerList, nameCharacters.baseAddress, nameCharacters.count, value, length)
+                            rd_kafka_header_add(
+                                headerList, nameCharacters.baseAddress, nameCharacters.count, value, length)
                         }
                     }
                 }
@@ -76,12 +77,12 @@ public final class KafkaProducer {
         guard code == RD_KAFKA_RESP_ERR_NO_ERROR else { throw KafkaError(code, operation: "flush") }
     }
 
-    /// The number of partitions of each existing topic among `topics`.
+    /// Asks the brokers for the number of partitions of each existing topic among `topics`.
     public func partitionCounts(topics: [String], timeoutMilliseconds: Int32) throws(KafkaError) -> [String: Int] {
         try fetchPartitionCounts(handle, topics: topics, timeoutMilliseconds: timeoutMilliseconds)
     }
 
-    /// The log start and end of a partition, asking its leader.
+    /// Asks a partition's leader for its log start and end.
     public func watermarks(topic: String, partition: Int32, timeoutMilliseconds: Int32) throws(KafkaError)
         -> KafkaWatermarks
     {

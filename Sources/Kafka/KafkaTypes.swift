@@ -144,7 +144,7 @@ final class TopicPartitionList {
     static func entries(of list: UnsafePointer<rd_kafka_topic_partition_list_t>) -> [KafkaTopicPartition] {
         let count = Int(list.pointee.cnt)
         guard count > 0, let elements = list.pointee.elems else { return [] }
-        return (0 ..< count).map { index in
+        return (0..<count).map { index in
             let element = elements[index]
             return KafkaTopicPartition(
                 topic: String(cString: element.topic), partition: element.partition,
@@ -152,11 +152,11 @@ final class TopicPartitionList {
         }
     }
 
-    /// The first per-partition error in a list that a call filled in, if any.
+    /// Returns the first per-partition error in a list that a call filled in, if any.
     static func firstError(in list: UnsafePointer<rd_kafka_topic_partition_list_t>, operation: String) -> KafkaError? {
         let count = Int(list.pointee.cnt)
         guard count > 0, let elements = list.pointee.elems else { return nil }
-        for index in 0 ..< count where elements[index].err != RD_KAFKA_RESP_ERR_NO_ERROR {
+        for index in 0..<count where elements[index].err != RD_KAFKA_RESP_ERR_NO_ERROR {
             let element = elements[index]
             var error = KafkaError(element.err, operation: operation)
             error.message += " (\(String(cString: element.topic))[\(element.partition)])"

@@ -11,14 +11,14 @@ public enum PostgresParameter: Sendable {
 /// One libpq connection, used by one thread at a time.
 ///
 /// The connection owns its `PGconn` and closes it in `deinit` or `close()`. Every call blocks
-/// the calling thread until the server answers, so callers run it on threads of their own,
+/// the calling thread until the server responds, so callers run it on threads of their own,
 /// never on Swift's concurrency pool.
 public final class PostgresConnection {
     /// Owned by this object; nil once closed.
     private var handle: OpaquePointer?
     private let noticeBox: NoticeBox
 
-    /// Host, port, database and user of the open connection, for logs. It never holds a password.
+    /// Host, port, database and user of the open connection, for logs. It never contains a password.
     public let target: String
 
     /// Opens a connection.
@@ -102,7 +102,8 @@ public final class PostgresConnection {
     /// Text parameters that contain U+0000 are rejected before sending, because libpq passes
     /// text parameters as C strings and would cut them there without an error.
     @discardableResult
-    public func execute(_ sql: String, _ parameters: [PostgresParameter?] = []) throws(PostgresError) -> PostgresResult {
+    public func execute(_ sql: String, _ parameters: [PostgresParameter?] = []) throws(PostgresError) -> PostgresResult
+    {
         guard let handle else {
             throw PostgresError(kind: .connectionLost, message: "the connection is closed", operation: "execute")
         }

@@ -1,6 +1,6 @@
 /// A failure reported by libpq or by the PostgreSQL server.
 ///
-/// `description` is safe to log: it holds the operation, the SQLSTATE and the server's
+/// `description` is safe to log: it contains the operation, the SQLSTATE and the server's
 /// message, never the SQL text, parameter values or a password.
 public struct PostgresError: Error, Sendable, CustomStringConvertible {
     public enum Kind: Sendable, Equatable {
@@ -21,7 +21,7 @@ public struct PostgresError: Error, Sendable, CustomStringConvertible {
     public var message: String
     public var detail: String?
     public var hint: String?
-    /// What was being done, such as "connect" or "execute".
+    /// The operation that failed, such as "connect" or "execute".
     public var operation: String
 
     public init(

@@ -68,7 +68,7 @@ public final class PostgresResult {
         PQgetisnull(handle, Int32(row), Int32(column)) == 1
     }
 
-    /// The value's text, or nil for SQL NULL.
+    /// Returns the value's text, or nil for SQL NULL.
     public func string(row: Int, column: Int) -> String? {
         precondition(row < rowCount && column < columnCount, "cell (\(row), \(column)) is outside the result")
         if isNull(row: row, column: column) { return nil }
@@ -79,15 +79,15 @@ public final class PostgresResult {
         }
     }
 
-    /// The value as an integer, or nil for SQL NULL.
+    /// Returns the value as an integer, or nil for SQL NULL.
     public func int(row: Int, column: Int) -> Int64? {
         string(row: row, column: column).flatMap { Int64($0) }
     }
 
     /// All rows as arrays of text values, for small results such as reports.
     public var rows: [[String?]] {
-        (0 ..< rowCount).map { row in
-            (0 ..< columnCount).map { column in string(row: row, column: column) }
+        (0..<rowCount).map { row in
+            (0..<columnCount).map { column in string(row: row, column: column) }
         }
     }
 }

@@ -25,19 +25,20 @@ enum DevBrokerCommand: Command {
     static let options = OptionSpec(options: ["topic": .repeated, "brokers": .value, "bootstrap-file": .value])
 
     static func run(_ arguments: ParsedArguments) throws -> Int32 {
-        let brokerCount: Int32 = try arguments.value("brokers").map { text throws -> Int32 in
-            guard let count = Int32(text), (1 ... 16).contains(count) else {
-                throw UsageError("--brokers must be a number from 1 to 16, not \(text)")
-            }
-            return count
-        } ?? 1
+        let brokerCount: Int32 =
+            try arguments.value("brokers").map { text throws -> Int32 in
+                guard let count = Int32(text), (1...16).contains(count) else {
+                    throw UsageError("--brokers must be a number from 1 to 16, not \(text)")
+                }
+                return count
+            } ?? 1
         var topics: [(String, Int32)] = []
         for specification in arguments.all("topic") {
             let parts = specification.split(separator: ":", maxSplits: 1).map(String.init)
             guard let name = parts.first, !name.isEmpty else { throw UsageError("--topic needs a name") }
             var partitions: Int32 = 4
             if parts.count == 2 {
-                guard let count = Int32(parts[1]), (1 ... 1000).contains(count) else {
+                guard let count = Int32(parts[1]), (1...1000).contains(count) else {
                     throw UsageError("--topic \(specification): the partition count must be a number from 1 to 1000")
                 }
                 partitions = count

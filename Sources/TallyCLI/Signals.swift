@@ -21,7 +21,9 @@ func handleStopSignals(_ stopSignal: StopSignal, timeoutMilliseconds: Int, logge
             logger.info("stop requested", ["signal": name, "shutdown.timeout_ms": timeoutMilliseconds])
             stopSignal.request()
             DispatchQueue.global().asyncAfter(deadline: .now() + .milliseconds(timeoutMilliseconds)) {
-                logger.error("stopping took longer than the shutdown timeout; exiting", ["shutdown.timeout_ms": timeoutMilliseconds])
+                logger.error(
+                    "stopping took longer than the shutdown timeout; exiting",
+                    ["shutdown.timeout_ms": timeoutMilliseconds])
                 _exit(1)
             }
         }

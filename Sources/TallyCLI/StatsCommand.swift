@@ -38,17 +38,20 @@ enum StatsCommand: Command {
         if !arguments.has("offline") {
             do {
                 let client = try KafkaConsumer(properties: configuration.kafka.consumerProperties)
-                partitionCounts = try client.partitionCounts(topics: configuration.kafka.topics, timeoutMilliseconds: 10_000)
+                partitionCounts = try client.partitionCounts(
+                    topics: configuration.kafka.topics, timeoutMilliseconds: 10_000)
                 consumer = client
             } catch {
                 throw CommandFailure(
-                    "cannot reach the Kafka brokers at \(configuration.kafka.brokers): \(error); use --offline to skip Kafka")
+                    "cannot reach the Kafka brokers at \(configuration.kafka.brokers): \(error); use --offline to skip Kafka"
+                )
             }
         }
 
         var report = try store.statsReport(meters: configuration.meters, partitionCounts: partitionCounts)
         if let consumer {
-            for index in report.partitions.indices where partitionCounts[report.partitions[index].partition.topic] != nil {
+            for index in report.partitions.indices
+            where partitionCounts[report.partitions[index].partition.topic] != nil {
                 let partition = report.partitions[index].partition
                 report.partitions[index].watermarks = try consumer.watermarks(
                     topic: partition.topic, partition: partition.partition, timeoutMilliseconds: 10_000)
@@ -61,10 +64,14 @@ enum StatsCommand: Command {
 
     static func renderTables(_ report: StatsReport) -> String {
         var partitionRows = [
-            ["PARTITION", "FIRST", "STORED", "LOG START", "LOG END", "LAG", "ACCEPTED", "UNMETERED", "DUPLICATES", "GAPS", "DEAD LETTERS"]
+            [
+                "PARTITION", "FIRST", "STORED", "LOG START", "LOG END", "LAG", "ACCEPTED", "UNMETERED", "DUPLICATES",
+                "GAPS", "DEAD LETTERS",
+            ]
         ]
         for row in report.partitions {
-            let deadLetters = row.deadLetters.keys.sorted().map { "\($0)=\(row.deadLetters[$0]!)" }.joined(separator: " ")
+            let deadLetters = row.deadLetters.keys.sorted().map { "\($0)=\(row.deadLetters[$0]!)" }.joined(
+                separator: " ")
             partitionRows.append([
                 row.partition.description,
                 row.firstOffset.map(String.init) ?? "-",
@@ -79,7 +86,9 @@ enum StatsCommand: Command {
 
         var meterRows = [["METER", "AGGREGATION", "TOTAL", "EVENTS", "SUBJECTS"]]
         for meter in report.meters {
-            meterRows.append([meter.slug, meter.aggregation, meter.total ?? "-", String(meter.events), String(meter.subjects)])
+            meterRows.append([
+                meter.slug, meter.aggregation, meter.total ?? "-", String(meter.events), String(meter.subjects),
+            ])
         }
 
         let deadLetters = report.deadLettersByReason

@@ -101,7 +101,7 @@ func requiredConfiguration(_ arguments: ParsedArguments) throws -> Configuration
     return try Configuration.load(path: path)
 }
 
-/// The logger for a command, at the level of `--log-level` or else `fallback`.
+/// Makes the logger of a command, at the level of `--log-level` or else `fallback`.
 func commandLogger(_ arguments: ParsedArguments, fallback: Logger.Level) throws -> Logger {
     guard let name = arguments.value("log-level") else { return Logger(level: fallback) }
     guard let level = Logger.Level(name: name) else {

@@ -90,7 +90,7 @@ public struct KafkaSettings: Sendable {
 public struct PostgresSettings: Sendable {
     /// A libpq connection string or URI. Empty means libpq's `PG*` environment variables alone.
     public var conninfo: String
-    /// The schema that holds Tally's tables.
+    /// The schema of Tally's tables.
     public var schema: String
 
     public init(conninfo: String = "", schema: String = "tally") {
@@ -108,7 +108,7 @@ public struct IngestSettings: Sendable {
     public var maxFutureSkewMicroseconds: Int64 = 5 * 60 * microsecondsPerSecond
     /// Values longer than this are `payload_too_large`.
     public var maxPayloadBytes: Int = 1 << 20
-    /// A batch is written when it holds this many messages…
+    /// A batch is written when it contains this many messages…
     public var batchMaxMessages: Int = 5000
     /// …or this many bytes of keys and values…
     public var batchMaxBytes: Int = 16 << 20

@@ -44,9 +44,11 @@ private struct ConfigurationReader {
 
         guard let kafkaNode = top["kafka"] else { throw ConfigurationError("missing key kafka") }
         let kafka = try readKafka(kafkaNode)
-        let postgres = try top["postgres"].map { node throws(ConfigurationError) in try readPostgres(node) }
+        let postgres =
+            try top["postgres"].map { node throws(ConfigurationError) in try readPostgres(node) }
             ?? PostgresSettings()
-        let ingest = try top["ingest"].map { node throws(ConfigurationError) in try readIngest(node) } ?? IngestSettings()
+        let ingest =
+            try top["ingest"].map { node throws(ConfigurationError) in try readIngest(node) } ?? IngestSettings()
         guard let metersNode = top["meters"] else { throw ConfigurationError("missing key meters") }
         let meters = try readMeters(metersNode)
 
@@ -85,7 +87,8 @@ private struct ConfigurationReader {
         var properties: [(String, String)] = []
         if let propertiesNode = kafka["properties"] {
             guard case .mapping(let entries, _) = propertiesNode else {
-                throw located("kafka.properties must be a mapping of librdkafka property names to values", propertiesNode)
+                throw located(
+                    "kafka.properties must be a mapping of librdkafka property names to values", propertiesNode)
             }
             for entry in entries {
                 let name = entry.key.value
@@ -120,7 +123,9 @@ private struct ConfigurationReader {
     func readIngest(_ node: YAMLNode) throws(ConfigurationError) -> IngestSettings {
         let ingest = try mapping(
             node, "ingest",
-            allowed: ["dedupe_window", "max_future_skew", "max_payload_bytes", "batch", "commit_to_kafka", "shutdown_timeout"])
+            allowed: [
+                "dedupe_window", "max_future_skew", "max_payload_bytes", "batch", "commit_to_kafka", "shutdown_timeout",
+            ])
         var settings = IngestSettings()
         if let value = ingest["dedupe_window"] {
             settings.dedupeWindowMicroseconds = try duration(value, "ingest.dedupe_window")
@@ -133,7 +138,9 @@ private struct ConfigurationReader {
         }
         if let value = ingest["max_payload_bytes"] {
             settings.maxPayloadBytes = try byteSize(value, "ingest.max_payload_bytes")
-            guard settings.maxPayloadBytes > 0 else { throw located("ingest.max_payload_bytes must be positive", value) }
+            guard settings.maxPayloadBytes > 0 else {
+                throw located("ingest.max_payload_bytes must be positive", value)
+            }
         }
         if let value = ingest["commit_to_kafka"] {
             settings.commitToKafka = try boolean(value, "ingest.commit_to_kafka")
@@ -144,11 +151,13 @@ private struct ConfigurationReader {
         if let batchNode = ingest["batch"] {
             let batch = try mapping(batchNode, "ingest.batch", allowed: ["max_messages", "max_bytes", "max_wait"])
             if let value = batch["max_messages"] {
-                settings.batchMaxMessages = try integer(value, "ingest.batch.max_messages", range: 1 ... 1_000_000)
+                settings.batchMaxMessages = try integer(value, "ingest.batch.max_messages", range: 1...1_000_000)
             }
             if let value = batch["max_bytes"] {
                 settings.batchMaxBytes = try byteSize(value, "ingest.batch.max_bytes")
-                guard settings.batchMaxBytes > 0 else { throw located("ingest.batch.max_bytes must be positive", value) }
+                guard settings.batchMaxBytes > 0 else {
+                    throw located("ingest.batch.max_bytes must be positive", value)
+                }
             }
             if let value = batch["max_wait"] {
                 settings.batchMaxWaitMilliseconds = Int(try duration(value, "ingest.batch.max_wait") / 1000)
@@ -164,7 +173,8 @@ private struct ConfigurationReader {
         var meters: [Meter] = []
         var slugs = Set<String>()
         for item in items {
-            let fields = try mapping(item, "a meter", allowed: ["slug", "event_type", "aggregation", "value", "group_by"])
+            let fields = try mapping(
+                item, "a meter", allowed: ["slug", "event_type", "aggregation", "value", "group_by"])
             guard let slugNode = fields["slug"] else { throw located("a meter has no slug", item) }
             let slug = try string(slugNode, "meters.slug")
             guard isPlainIdentifier(slug) else {
@@ -177,7 +187,9 @@ private struct ConfigurationReader {
             let eventType = try string(typeNode, "\(context): event_type")
             guard !eventType.isEmpty else { throw located("\(context): event_type is empty", typeNode) }
 
-            guard let aggregationNode = fields["aggregation"] else { throw located("\(context) has no aggregation", item) }
+            guard let aggregationNode = fields["aggregation"] else {
+                throw located("\(context) has no aggregation", item)
+            }
             let aggregationName = try string(aggregationNode, "\(context): aggregation")
             guard let aggregation = Aggregation(rawValue: aggregationName) else {
                 throw located(
@@ -192,13 +204,15 @@ private struct ConfigurationReader {
                 }
                 valuePath = try path(valueNode, "\(context): value")
             } else if aggregation != .count {
-                throw located("\(context): a \(aggregation.rawValue) meter needs a value path such as $.data.tokens", item)
+                throw located(
+                    "\(context): a \(aggregation.rawValue) meter needs a value path such as $.data.tokens", item)
             }
 
             var groupBy: [GroupBy] = []
             if let groupNode = fields["group_by"] {
                 guard case .mapping(let entries, _) = groupNode else {
-                    throw located("\(context): group_by must map names to paths, such as model: $.data.model", groupNode)
+                    throw located(
+                        "\(context): group_by must map names to paths, such as model: $.data.model", groupNode)
                 }
                 for entry in entries {
                     guard !entry.key.value.isEmpty else {
@@ -208,14 +222,17 @@ private struct ConfigurationReader {
                 }
             }
             meters.append(
-                Meter(slug: slug, eventType: eventType, aggregation: aggregation, valuePath: valuePath, groupBy: groupBy))
+                Meter(
+                    slug: slug, eventType: eventType, aggregation: aggregation, valuePath: valuePath, groupBy: groupBy))
         }
         return meters
     }
 
     // MARK: Values
 
-    func mapping(_ node: YAMLNode, _ context: String, allowed: Set<String>) throws(ConfigurationError) -> [String: YAMLNode] {
+    func mapping(_ node: YAMLNode, _ context: String, allowed: Set<String>) throws(ConfigurationError) -> [String:
+        YAMLNode]
+    {
         guard case .mapping(let entries, _) = node else {
             throw located("\(context) must be a mapping, not a \(node.kindName)", node)
         }
@@ -223,7 +240,8 @@ private struct ConfigurationReader {
         for entry in entries {
             guard allowed.contains(entry.key.value) else {
                 let known = allowed.sorted().joined(separator: ", ")
-                throw ConfigurationError("unknown key \(entry.key.value) in \(context) at \(entry.key.mark); known keys: \(known)")
+                throw ConfigurationError(
+                    "unknown key \(entry.key.value) in \(context) at \(entry.key.mark); known keys: \(known)")
             }
             result[entry.key.value] = entry.value
         }
@@ -266,10 +284,12 @@ private struct ConfigurationReader {
         return value
     }
 
-    /// A duration such as `250ms`, `30s`, `5m`, `12h` or `35d`, in microseconds.
+    /// Reads a duration such as `250ms`, `30s`, `5m`, `12h` or `35d`, in microseconds.
     func duration(_ node: YAMLNode, _ context: String) throws(ConfigurationError) -> Int64 {
         let text = try string(node, context)
-        let units: [(String, Int64)] = [("ms", 1000), ("s", 1_000_000), ("m", 60_000_000), ("h", 3_600_000_000), ("d", 86_400_000_000)]
+        let units: [(String, Int64)] = [
+            ("ms", 1000), ("s", 1_000_000), ("m", 60_000_000), ("h", 3_600_000_000), ("d", 86_400_000_000),
+        ]
         for (suffix, scale) in units where text.hasSuffix(suffix) {
             let number = text.dropLast(suffix.count)
             if let value = Int64(number), value >= 0, value <= Int64.max / scale {
@@ -279,7 +299,7 @@ private struct ConfigurationReader {
         throw located("\(context) must be a duration such as 250ms, 30s, 5m, 12h or 35d, not \(text)", node)
     }
 
-    /// A size such as `1048576`, `512KiB`, `16MiB` or `1GiB`, in bytes.
+    /// Reads a size such as `1048576`, `512KiB`, `16MiB` or `1GiB`, in bytes.
     func byteSize(_ node: YAMLNode, _ context: String) throws(ConfigurationError) -> Int {
         let text = try string(node, context)
         let units: [(String, Int)] = [("KiB", 1 << 10), ("MiB", 1 << 20), ("GiB", 1 << 30), ("B", 1), ("", 1)]
@@ -310,7 +330,7 @@ private struct ConfigurationReader {
             guard let end = rest[start.upperBound...].firstIndex(of: "}") else {
                 throw located("\(context) has an unclosed ${", node)
             }
-            let name = String(rest[start.upperBound ..< end])
+            let name = String(rest[start.upperBound..<end])
             guard let replacement = environment[name] else {
                 throw located("\(context) refers to the environment variable \(name), which is not set", node)
             }
@@ -325,18 +345,18 @@ private struct ConfigurationReader {
     }
 }
 
-/// Kafka topic names: 1 to 249 characters from letters, digits, `.`, `_` and `-`, not `.` or `..`.
+/// Checks a Kafka topic name: 1 to 249 characters from letters, digits, `.`, `_` and `-`, not `.` or `..`.
 func isValidTopicName(_ name: String) -> Bool {
     guard !name.isEmpty, name.utf8.count <= 249, name != ".", name != ".." else { return false }
     return name.unicodeScalars.allSatisfy { scalar in
-        ("a" ... "z").contains(scalar) || ("A" ... "Z").contains(scalar) || ("0" ... "9").contains(scalar)
+        ("a"..."z").contains(scalar) || ("A"..."Z").contains(scalar) || ("0"..."9").contains(scalar)
             || scalar == "." || scalar == "_" || scalar == "-"
     }
 }
 
-/// A lowercase SQL identifier that needs no quoting: `[a-z_][a-z0-9_]*`, at most 63 bytes.
+/// Checks for a lowercase SQL identifier that needs no quoting: `[a-z_][a-z0-9_]*`, at most 63 bytes.
 func isPlainIdentifier(_ name: String) -> Bool {
     guard let first = name.unicodeScalars.first, name.utf8.count <= 63 else { return false }
-    guard ("a" ... "z").contains(first) || first == "_" else { return false }
-    return name.unicodeScalars.allSatisfy { ("a" ... "z").contains($0) || ("0" ... "9").contains($0) || $0 == "_" }
+    guard ("a"..."z").contains(first) || first == "_" else { return false }
+    return name.unicodeScalars.allSatisfy { ("a"..."z").contains($0) || ("0"..."9").contains($0) || $0 == "_" }
 }

@@ -15,7 +15,7 @@ public struct EventTime: Hashable, Comparable, Sendable, CustomStringConvertible
     public static let microsecondsPerMinute: Int64 = 60 * microsecondsPerSecond
     public static let microsecondsPerDay: Int64 = 86_400 * microsecondsPerSecond
 
-    /// The current time of the system clock.
+    /// Reads the system's real-time clock.
     public static func systemNow() -> EventTime {
         var spec = timespec()
         clock_gettime(CLOCK_REALTIME, &spec)
@@ -48,7 +48,7 @@ public struct EventTime: Hashable, Comparable, Sendable, CustomStringConvertible
     public var description: String { rfc3339 }
 }
 
-/// Why a `time` attribute is not an RFC 3339 date-time.
+/// The reason a `time` attribute is not an RFC 3339 date-time.
 public struct TimeFormatError: Error, Sendable, Equatable, CustomStringConvertible {
     public var description: String
 }
@@ -92,7 +92,7 @@ extension EventTime {
                 throw TimeFormatError(description: "expected digits after the decimal point of the seconds")
             }
             if digitCount < 6 {
-                for _ in digitCount ..< 6 { microsecond *= 10 }
+                for _ in digitCount..<6 { microsecond *= 10 }
             }
         }
 
@@ -116,7 +116,7 @@ extension EventTime {
             throw TimeFormatError(description: "unexpected text after the zone offset")
         }
 
-        guard year >= 1, (1 ... 12).contains(month), day >= 1,
+        guard year >= 1, (1...12).contains(month), day >= 1,
             day <= CivilDate.daysInMonth(year: year, month: month)
         else {
             throw TimeFormatError(description: "no such date")
@@ -163,8 +163,9 @@ struct CivilDate: Equatable {
         }
     }
 
-    /// Days since 1970-01-01. The calendar repeats every 400 years (146,097 days); counting
-    /// years from March puts the leap day at the end of each year, which keeps this closed-form.
+    /// The number of days since 1970-01-01. The calendar repeats every 400 years (146,097 days).
+    /// Counting years from March puts the leap day at the end of each year, so the formula has
+    /// no special case for it.
     var daysSinceEpoch: Int64 {
         let marchYear = month <= 2 ? year - 1 : year
         let era = floorDivide(marchYear, 400)
@@ -175,7 +176,7 @@ struct CivilDate: Equatable {
         return era * 146_097 + dayOfEra - 719_468  // 719,468 days from 0000-03-01 to 1970-01-01
     }
 
-    /// The date `days` days after 1970-01-01; the inverse of `daysSinceEpoch`.
+    /// Creates the date `days` days after 1970-01-01, the inverse of `daysSinceEpoch`.
     init(daysSinceEpoch days: Int64) {
         let shifted = days + 719_468
         let era = floorDivide(shifted, 146_097)
@@ -207,14 +208,14 @@ private struct FixedFormatReader {
     var isAtEnd: Bool { index == bytes.count }
 
     mutating func digit() -> Int? {
-        guard index < bytes.count, (UInt8(ascii: "0") ... UInt8(ascii: "9")).contains(bytes[index]) else { return nil }
+        guard index < bytes.count, (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(bytes[index]) else { return nil }
         defer { index += 1 }
         return Int(bytes[index] - UInt8(ascii: "0"))
     }
 
     mutating func digits(_ count: Int, _ field: String) throws(TimeFormatError) -> Int64 {
         var value: Int64 = 0
-        for _ in 0 ..< count {
+        for _ in 0..<count {
             guard let digit = digit() else {
                 throw TimeFormatError(description: "expected \(count) digits for the \(field)")
             }

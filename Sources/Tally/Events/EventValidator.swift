@@ -47,7 +47,8 @@ public final class EventValidator {
     /// The attributes that Tally requires, besides `specversion` and `time`.
     static let requiredStringAttributes = ["id", "source", "type", "subject"]
     /// Attributes with their own columns in the ledger; every other one is kept in `attributes`.
-    static let ledgerColumns: Set<ByteString> = Set(["specversion", "id", "source", "type", "subject", "time", "data"].map(ByteString.init))
+    static let ledgerColumns: Set<ByteString> = Set(
+        ["specversion", "id", "source", "type", "subject", "time", "data"].map(ByteString.init))
     /// The longest `id`, `source`, `type` and `subject`, in bytes. They are indexed, and a
     /// PostgreSQL B-tree entry must stay under about 2.7 kB.
     public static let maxAttributeBytes = 1024
@@ -75,7 +76,8 @@ public final class EventValidator {
         }
         guard value.count <= limits.maxPayloadBytes else {
             return .rejected(
-                Rejection(.payloadTooLarge, "the value has \(value.count) bytes; the limit is \(limits.maxPayloadBytes)"))
+                Rejection(
+                    .payloadTooLarge, "the value has \(value.count) bytes; the limit is \(limits.maxPayloadBytes)"))
         }
 
         let root: JSONValue
@@ -85,7 +87,8 @@ public final class EventValidator {
             return .rejected(rejection(for: error))
         }
         guard case .object = root else {
-            return .rejected(Rejection(.notAnObject, "the value is a JSON \(root.typeName); a CloudEvent is a JSON object"))
+            return .rejected(
+                Rejection(.notAnObject, "the value is a JSON \(root.typeName); a CloudEvent is a JSON object"))
         }
         if root.containsNULCharacter {
             return .rejected(
@@ -95,7 +98,8 @@ public final class EventValidator {
             return .rejected(
                 Rejection(
                     .numberOutOfRange,
-                    "the number \(quotedForDetail(literal)) is too long or its exponent too large for PostgreSQL jsonb"))
+                    "the number \(quotedForDetail(literal)) is too long or its exponent too large for PostgreSQL jsonb")
+            )
         }
 
         switch readEvent(root, now: now) {
@@ -114,7 +118,8 @@ public final class EventValidator {
             break
         case .string(let version)?:
             return .failure(
-                Rejection(.unsupportedSpecversion, "specversion is \(quotedForDetail(version)); only \"1.0\" is supported"))
+                Rejection(
+                    .unsupportedSpecversion, "specversion is \(quotedForDetail(version)); only \"1.0\" is supported"))
         case let other?:
             return .failure(Rejection(.invalidAttribute, "specversion is a JSON \(other.typeName), not a string"))
         }
@@ -126,7 +131,9 @@ public final class EventValidator {
                 return .failure(Rejection(.missingAttribute, "\(name) is missing"))
             case .string(let text)? where text.utf8.count > Self.maxAttributeBytes:
                 return .failure(
-                    Rejection(.invalidAttribute, "\(name) has \(text.utf8.count) bytes; the limit is \(Self.maxAttributeBytes)"))
+                    Rejection(
+                        .invalidAttribute,
+                        "\(name) has \(text.utf8.count) bytes; the limit is \(Self.maxAttributeBytes)"))
             case .string(let text)? where !text.isEmpty:
                 strings[name] = text
             case .string?:
@@ -160,14 +167,16 @@ public final class EventValidator {
                     .invalidTime, "time is the number \(literal); epoch numbers are not accepted, use RFC 3339 text",
                     eventKey: key))
         case let other?:
-            return .failure(Rejection(.invalidTime, "time is a JSON \(other.typeName), not an RFC 3339 string", eventKey: key))
+            return .failure(
+                Rejection(.invalidTime, "time is a JSON \(other.typeName), not an RFC 3339 string", eventKey: key))
         }
 
         let oldestAccepted = now.adding(microseconds: -limits.dedupeWindowMicroseconds)
         if time < oldestAccepted {
             return .failure(
                 Rejection(
-                    .tooLate, "time \(time) is before \(oldestAccepted), the start of the dedupe window", eventKey: key))
+                    .tooLate, "time \(time) is before \(oldestAccepted), the start of the dedupe window", eventKey: key)
+            )
         }
         let latestAccepted = now.adding(microseconds: limits.maxFutureSkewMicroseconds)
         if time > latestAccepted {
@@ -212,12 +221,13 @@ public final class EventValidator {
         }
     }
 
-    /// The first number literal that PostgreSQL's `numeric` may be unable to hold.
+    /// Returns the first number literal that PostgreSQL's `numeric` may be unable to store.
     private func firstUnstorableNumber(in value: JSONValue) -> String? {
         switch value {
         case .number(let literal):
             if literal.utf8.count > Self.maxNumberLiteralLength { return literal }
-            if let exponentStart = literal.utf8.firstIndex(where: { $0 == UInt8(ascii: "e") || $0 == UInt8(ascii: "E") }) {
+            if let exponentStart = literal.utf8.firstIndex(where: { $0 == UInt8(ascii: "e") || $0 == UInt8(ascii: "E") }
+            ) {
                 let digits = literal.utf8[literal.utf8.index(after: exponentStart)...].filter {
                     $0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9")
                 }

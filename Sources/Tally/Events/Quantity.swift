@@ -23,7 +23,7 @@ public struct Quantity: Hashable, Sendable, CustomStringConvertible {
     }
 }
 
-/// Why a value is not an acceptable quantity.
+/// The reason a value is not an acceptable quantity.
 public enum QuantityError: Error, Equatable, Sendable, CustomStringConvertible {
     /// Not written as a JSON number, for example `abc`, `NaN`, `Infinity`, `+1` or ` 1`.
     case notANumber
@@ -67,7 +67,7 @@ extension Quantity {
         } else {
             while isDigit(index) { index += 1 }
         }
-        var digits = Array(bytes[integerStart ..< index])
+        var digits = Array(bytes[integerStart..<index])
         var pointPosition = digits.count
 
         if index < bytes.count && bytes[index] == UInt8(ascii: ".") {
@@ -75,7 +75,7 @@ extension Quantity {
             let fractionStart = index
             while isDigit(index) { index += 1 }
             guard index > fractionStart else { throw .notANumber }
-            digits += bytes[fractionStart ..< index]
+            digits += bytes[fractionStart..<index]
         }
 
         var exponent = 0
@@ -89,7 +89,7 @@ extension Quantity {
             }
             guard isDigit(index) else { throw .notANumber }
             while isDigit(index) {
-                // Past a million the answer no longer depends on the exact exponent.
+                // Past a million, the result no longer depends on the exact exponent.
                 if exponent < 1_000_000 {
                     exponent = exponent * 10 + Int(bytes[index] - UInt8(ascii: "0"))
                 } else {
@@ -108,7 +108,7 @@ extension Quantity {
         }
         let lastNonZero = digits.lastIndex { $0 != UInt8(ascii: "0") }!
         pointPosition -= firstNonZero
-        digits = Array(digits[firstNonZero ... lastNonZero])
+        digits = Array(digits[firstNonZero...lastNonZero])
 
         if exponentOverflow {
             throw exponentIsNegative ? .tooPrecise : .tooLarge

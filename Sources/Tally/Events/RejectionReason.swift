@@ -43,7 +43,7 @@ public enum RejectionReason: String, Sendable, CaseIterable, Comparable {
     public static func < (lhs: RejectionReason, rhs: RejectionReason) -> Bool { lhs.rawValue < rhs.rawValue }
 }
 
-/// Why one message became a dead letter.
+/// The reason and explanation of one dead letter.
 public struct Rejection: Error, Sendable {
     public var reason: RejectionReason
     /// A readable explanation naming the attribute or value at fault.
@@ -53,7 +53,8 @@ public struct Rejection: Error, Sendable {
     /// For a conflict: the ledger row of the event accepted first.
     public var originalLedgerID: Int64?
 
-    public init(_ reason: RejectionReason, _ detail: String, eventKey: EventKey? = nil, originalLedgerID: Int64? = nil) {
+    public init(_ reason: RejectionReason, _ detail: String, eventKey: EventKey? = nil, originalLedgerID: Int64? = nil)
+    {
         self.reason = reason
         self.detail = detail
         self.eventKey = eventKey

@@ -14,13 +14,15 @@ extension Worker {
                     stored = try store.storedOffsets(ids)
                     break
                 } catch {
-                    logger.rateLimited(.error, "reading stored offsets failed; retrying", intervalSeconds: 10, ["error": error])
+                    logger.rateLimited(
+                        .error, "reading stored offsets failed; retrying", intervalSeconds: 10, ["error": error])
                     store.connection.close()
                     self.store = nil
                 }
             }
             if stopSignal.isRequested {
-                logger.warning("stopping before the assigned partitions could start", ["kafka.partitions": describe(ids)])
+                logger.warning(
+                    "stopping before the assigned partitions could start", ["kafka.partitions": describe(ids)])
                 return []
             }
             sleepMilliseconds(backoff.next())
@@ -31,11 +33,16 @@ extension Worker {
             let offset = stored?[partition]
             positions[partition] = PartitionPosition(storedOffset: offset, nextOffset: offset)
             start.append(
-                KafkaTopicPartition(topic: partition.topic, partition: partition.partition, offset: offset ?? KafkaOffset.beginning))
+                KafkaTopicPartition(
+                    topic: partition.topic, partition: partition.partition, offset: offset ?? KafkaOffset.beginning))
         }
         logger.info(
             "partitions assigned",
-            ["kafka.partitions": start.map { "\($0.topic)[\($0.partition)]@\($0.offset == KafkaOffset.beginning ? "start" : String($0.offset!))" }.joined(separator: ",")])
+            [
+                "kafka.partitions": start.map {
+                    "\($0.topic)[\($0.partition)]@\($0.offset == KafkaOffset.beginning ? "start" : String($0.offset!))"
+                }.joined(separator: ",")
+            ])
         observer.partitionsAssigned(Dictionary(uniqueKeysWithValues: ids.map { ($0, stored?[$0]) }))
         return start
     }

@@ -43,7 +43,7 @@ public final class Worker: KafkaRebalanceHandler {
 
     var store: LedgerStore?
     var consumer: KafkaConsumer?
-    /// The assigned partitions and what the worker knows of their stored offsets.
+    /// The assigned partitions, with the stored offset of each as of the last commit.
     var positions: [PartitionID: PartitionPosition] = [:]
     var pending = PendingBatch()
     var totals = IngestTotals()
@@ -53,7 +53,7 @@ public final class Worker: KafkaRebalanceHandler {
     /// How often the dedupe partitions are checked, and progress is logged.
     static let maintenanceIntervalMilliseconds: Int64 = 10 * 60 * 1000
     static let progressIntervalMilliseconds: Int64 = 10 * 1000
-    /// The longest single wait for a message, so that a stop is noticed quickly.
+    /// The maximum wait for one message, short so that a stop request is seen quickly.
     static let pollTimeoutMilliseconds: Int64 = 100
 
     public init(
@@ -92,11 +92,12 @@ public final class Worker: KafkaRebalanceHandler {
             ])
 
         while !stopSignal.isRequested {
-            let waited = pending.isEmpty ? Self.pollTimeoutMilliseconds : min(Self.pollTimeoutMilliseconds, max(0, pending.remainingWait(limitMilliseconds: Int64(configuration.ingest.batchMaxWaitMilliseconds))))
-            if let result = consumer!.poll(timeoutMilliseconds: Int32(waited)) {
+            let maxWait = Int64(configuration.ingest.batchMaxWaitMilliseconds)
+            let timeout = min(Self.pollTimeoutMilliseconds, max(0, pending.remainingWait(limitMilliseconds: maxWait)))
+            if let result = consumer!.poll(timeoutMilliseconds: Int32(timeout)) {
                 try handle(result)
             }
-            if pending.isFull(configuration.ingest) || pending.hasWaited(Int64(configuration.ingest.batchMaxWaitMilliseconds)) {
+            if pending.isFull(configuration.ingest) || pending.hasWaited(maxWait) {
                 flush()
             }
             performPeriodicWork()
@@ -183,7 +184,10 @@ public final class Worker: KafkaRebalanceHandler {
         if let next = position.nextOffset, message.offset < next {
             logger.rateLimited(
                 .warning, "skipping a message below the next offset to process", intervalSeconds: 60,
-                ["kafka.topic": message.topic, "kafka.partition": message.partition, "kafka.offset": message.offset, "expected": next])
+                [
+                    "kafka.topic": message.topic, "kafka.partition": message.partition, "kafka.offset": message.offset,
+                    "expected": next,
+                ])
             return
         }
         position.nextOffset = message.offset + 1
@@ -218,7 +222,7 @@ public final class Worker: KafkaRebalanceHandler {
     }
 }
 
-/// What the worker knows about one assigned partition.
+/// The worker's record of one assigned partition.
 struct PartitionPosition {
     /// The stored offset in PostgreSQL as of the last commit: where the next batch starts.
     /// Nil when the partition has none yet.
@@ -306,5 +310,7 @@ private func logKafkaRecord(_ record: KafkaLogRecord, _ logger: Logger) {
     case 5, 6: level = .info
     default: level = .debug
     }
-    logger.log(level, "librdkafka", ["kafka.facility": record.facility, "kafka.client": record.client, "kafka.message": record.message])
+    logger.log(
+        level, "librdkafka",
+        ["kafka.facility": record.facility, "kafka.client": record.client, "kafka.message": record.message])
 }

@@ -35,7 +35,7 @@ public struct OffsetGap: Sendable, Equatable {
     public static let skippedReason = "offsets_skipped"
 }
 
-/// What a committed batch changed.
+/// The changes of a committed batch.
 public struct BatchSummary: Sendable {
     /// The new stored offset of each partition in the batch.
     public var nextOffsets: [PartitionID: Int64] = [:]
@@ -51,7 +51,7 @@ public struct BatchSummary: Sendable {
     public var deadLetterCount: Int { deadLetters.values.reduce(0, +) }
 }
 
-/// Why a batch was not committed.
+/// The reason a batch was not committed.
 public enum BatchWriteError: Error, CustomStringConvertible {
     /// A stored offset differs from the one the batch started from: another consumer has
     /// written these offsets since. Nothing was written. Holds the stored offsets found, nil

@@ -1,4 +1,4 @@
-/// Which `dedupe_keys` partitions a batch claims keys in and looks keys up in.
+/// The choice of `dedupe_keys` partitions for claims and lookups.
 ///
 /// Partitions cover fixed periods of the worker clock (7 days by default). A key is claimed in
 /// the partition of the current period. When the next period starts within `claimMargin`,
@@ -15,23 +15,24 @@ struct DedupePeriods: Sendable {
         floorDivide(floorDivide(time.microseconds, EventTime.microsecondsPerSecond), periodSeconds)
     }
 
-    /// The partitions a key accepted at `now` is written to: one, or two near a period's end.
+    /// Returns the partitions that a key accepted at `now` is written to: one, or two near a period's end.
     func claimPeriods(now: EventTime) -> [Int64] {
         let current = period(of: now)
         let ahead = period(of: now.adding(microseconds: Self.claimMarginSeconds * EventTime.microsecondsPerSecond))
         return current == ahead ? [current] : [current, ahead]
     }
 
-    /// The partitions that a lookup at `now` reads.
+    /// Returns the partitions that a lookup at `now` reads.
     func lookupRange(now: EventTime, limits: ValidationLimits) -> ClosedRange<Int64> {
         let margin = Self.claimMarginSeconds * EventTime.microsecondsPerSecond
-        let oldest = now.adding(microseconds: -(limits.dedupeWindowMicroseconds + limits.maxFutureSkewMicroseconds + margin))
-        return period(of: oldest) ... period(of: now.adding(microseconds: margin))
+        let oldest = now.adding(
+            microseconds: -(limits.dedupeWindowMicroseconds + limits.maxFutureSkewMicroseconds + margin))
+        return period(of: oldest)...period(of: now.adding(microseconds: margin))
     }
 
-    /// The partitions that must exist at `now`: every one a lookup reads, and two periods ahead.
+    /// Returns the partitions that must exist at `now`: every one a lookup reads, and two periods ahead.
     func requiredRange(now: EventTime, limits: ValidationLimits) -> ClosedRange<Int64> {
         let lookup = lookupRange(now: now, limits: limits)
-        return lookup.lowerBound ... lookup.upperBound + 2
+        return lookup.lowerBound...lookup.upperBound + 2
     }
 }

@@ -100,7 +100,7 @@ extension LedgerStore {
         return spans
     }
 
-    /// The offset ranges without a message between each stored offset and the last message.
+    /// Finds the offset ranges without a message between each stored offset and the last message.
     private func offsetGaps(_ messages: [ValidatedMessage], spans: [PartitionID: PartitionSpan]) -> [OffsetGap] {
         var nextExpected = spans.mapValues { $0.startOffset }
         var gaps: [OffsetGap] = []
@@ -109,7 +109,9 @@ extension LedgerStore {
             let offset = validated.message.offset
             if let expected = nextExpected[partition], offset > expected {
                 gaps.append(
-                    OffsetGap(partition: partition, fromOffset: expected, toOffset: offset - 1, reason: OffsetGap.skippedReason))
+                    OffsetGap(
+                        partition: partition, fromOffset: expected, toOffset: offset - 1,
+                        reason: OffsetGap.skippedReason))
             }
             nextExpected[partition] = offset + 1
         }
@@ -131,7 +133,7 @@ extension LedgerStore {
             """,
             [.text(partitionListJSON(partitions))])
         var stored: [PartitionID: Int64?] = [:]
-        for row in 0 ..< locked.rowCount {
+        for row in 0..<locked.rowCount {
             let partition = PartitionID(
                 topic: locked.string(row: row, column: 0)!, partition: Int32(locked.int(row: row, column: 1)!))
             stored[partition] = locked.int(row: row, column: 2)!
@@ -179,12 +181,16 @@ extension LedgerStore {
             [.text(writer.text)])
         if inserted.affectedRows != missing.count {
             let current = try storedOffsets(missing.map(\.partition))
-            throw BatchWriteError.staleOffsets(Dictionary(uniqueKeysWithValues: missing.map { ($0.partition, current[$0.partition]) }))
+            throw BatchWriteError.staleOffsets(
+                Dictionary(uniqueKeysWithValues: missing.map { ($0.partition, current[$0.partition]) }))
         }
         for span in missing {
             logger.info(
                 "partition has no stored offset; starting at its first message",
-                ["kafka.topic": span.partition.topic, "kafka.partition": span.partition.partition, "kafka.offset": span.firstOffset])
+                [
+                    "kafka.topic": span.partition.topic, "kafka.partition": span.partition.partition,
+                    "kafka.offset": span.firstOffset,
+                ])
         }
     }
 
@@ -229,7 +235,8 @@ extension LedgerStore {
             [.text(writer.text)])
         // The rows are locked since the start of the transaction, so this holds unless a bug broke it.
         guard updated.affectedRows == spans.count else {
-            preconditionFailure("compare-and-set of stored offsets changed \(updated.affectedRows) of \(spans.count) rows")
+            preconditionFailure(
+                "compare-and-set of stored offsets changed \(updated.affectedRows) of \(spans.count) rows")
         }
 
         let counts = spans.values.flatMap { span in span.deadLetters.map { (span.partition, $0.key, $0.value) } }

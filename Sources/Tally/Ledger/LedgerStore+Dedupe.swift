@@ -87,8 +87,10 @@ extension LedgerStore {
         return outcomes.map { $0! }
     }
 
-    /// The stored keys among `keys` in the partitions of `periods`.
-    private func storedKeys(_ keys: [EventKey], periods: ClosedRange<Int64>) throws(PostgresError) -> [EventKey: StoredKey] {
+    /// Looks up which of `keys` are stored in the partitions of `periods`.
+    private func storedKeys(_ keys: [EventKey], periods: ClosedRange<Int64>) throws(PostgresError) -> [EventKey:
+        StoredKey]
+    {
         let writer = JSONWriter()
         writer.beginArray()
         for key in keys {
@@ -111,7 +113,7 @@ extension LedgerStore {
             """,
             [.text(writer.text), .text(String(periods.lowerBound)), .text(String(periods.upperBound))])
         var stored: [EventKey: StoredKey] = [:]
-        for row in 0 ..< result.rowCount {
+        for row in 0..<result.rowCount {
             let key = EventKey(source: result.string(row: row, column: 0)!, id: result.string(row: row, column: 1)!)
             stored[key] = StoredKey(
                 payloadSHA256: bytes(fromHex: result.string(row: row, column: 2)!),
@@ -124,7 +126,7 @@ extension LedgerStore {
         let result = try connection.execute(
             "SELECT nextval($1::regclass) FROM generate_series(1, $2)",
             [.text("\(schema).ledger_id_seq"), .text(String(count))])
-        return (0 ..< result.rowCount).map { result.int(row: $0, column: 0)! }
+        return (0..<result.rowCount).map { result.int(row: $0, column: 0)! }
     }
 
     /// Inserts a claim row for each key in each period, in key order so that concurrent batches
@@ -165,7 +167,7 @@ extension LedgerStore {
             [.text(writer.text)])
 
         var claimedRows: [EventKey: Int] = [:]
-        for row in 0 ..< result.rowCount {
+        for row in 0..<result.rowCount {
             let key = EventKey(source: result.string(row: row, column: 0)!, id: result.string(row: row, column: 1)!)
             claimedRows[key, default: 0] += 1
         }
@@ -197,7 +199,7 @@ extension LedgerStore {
     }
 }
 
-/// The bytes of lowercase or uppercase hexadecimal text.
+/// Decodes lowercase or uppercase hexadecimal text.
 func bytes(fromHex text: String) -> [UInt8] {
     var result: [UInt8] = []
     result.reserveCapacity(text.utf8.count / 2)
@@ -205,9 +207,9 @@ func bytes(fromHex text: String) -> [UInt8] {
     for character in text.utf8 {
         let value: UInt8
         switch character {
-        case UInt8(ascii: "0") ... UInt8(ascii: "9"): value = character - UInt8(ascii: "0")
-        case UInt8(ascii: "a") ... UInt8(ascii: "f"): value = character - UInt8(ascii: "a") + 10
-        case UInt8(ascii: "A") ... UInt8(ascii: "F"): value = character - UInt8(ascii: "A") + 10
+        case UInt8(ascii: "0")...UInt8(ascii: "9"): value = character - UInt8(ascii: "0")
+        case UInt8(ascii: "a")...UInt8(ascii: "f"): value = character - UInt8(ascii: "a") + 10
+        case UInt8(ascii: "A")...UInt8(ascii: "F"): value = character - UInt8(ascii: "A") + 10
         default: preconditionFailure("not hexadecimal: \(text)")
         }
         if let first = high {

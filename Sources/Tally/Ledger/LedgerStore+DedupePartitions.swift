@@ -30,7 +30,9 @@ extension LedgerStore {
                 }
             }
             existing.formUnion(missing)
-            logger.info("created dedupe key partitions", ["pg.schema": schemaName, "dedupe.periods": missing.map(String.init).joined(separator: ",")])
+            logger.info(
+                "created dedupe key partitions",
+                ["pg.schema": schemaName, "dedupe.periods": missing.map(String.init).joined(separator: ",")])
         }
 
         let serverNow = try connection.execute("SELECT (extract(epoch FROM now()) * 1000000)::bigint")
@@ -65,7 +67,7 @@ extension LedgerStore {
             """,
             [.text("\(schema).dedupe_keys")])
         var periods = Set<Int64>()
-        for row in 0 ..< result.rowCount {
+        for row in 0..<result.rowCount {
             guard let name = result.string(row: row, column: 0), name.hasPrefix("dedupe_keys_p") else { continue }
             let suffix = name.dropFirst("dedupe_keys_p".count)
             let value = suffix.hasPrefix("m") ? Int64(suffix.dropFirst()).map { -$0 } : Int64(suffix)

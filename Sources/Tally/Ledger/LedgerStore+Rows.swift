@@ -138,7 +138,8 @@ extension LedgerStore {
         var count = 0
         writer.beginArray()
         for (index, validated) in messages.enumerated() {
-            guard case .duplicate(let originalID) = outcomes[index], case .accepted(let event) = validated.outcome else {
+            guard case .duplicate(let originalID) = outcomes[index], case .accepted(let event) = validated.outcome
+            else {
                 continue
             }
             count += 1
@@ -270,13 +271,13 @@ extension LedgerStore {
     }
 }
 
-/// The bytes as a string when they are valid UTF-8 without U+0000, which `jsonb` can store.
+/// Returns the bytes as a string when they are valid UTF-8 without U+0000, which `jsonb` can store.
 func storableText(_ bytes: [UInt8]) -> String? {
     guard !bytes.contains(0), let text = String(validating: bytes, as: UTF8.self) else { return nil }
     return text
 }
 
-/// The detail with any U+0000 replaced, because PostgreSQL text cannot store it.
+/// Replaces any U+0000 in a detail, because PostgreSQL text cannot store it.
 private func sanitizedDetail(_ detail: String) -> String {
     detail.utf8.contains(0) ? detail.replacingNUL() : detail
 }

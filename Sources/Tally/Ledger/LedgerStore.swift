@@ -63,7 +63,7 @@ public final class LedgerStore {
         self.dedupePeriodSeconds = seconds
     }
 
-    /// The stored offsets (next offset to read) of the partitions that have one.
+    /// Reads the stored offsets (the next offset to read) of the partitions that have one.
     public func storedOffsets(_ partitions: [PartitionID]) throws(PostgresError) -> [PartitionID: Int64] {
         guard !partitions.isEmpty else { return [:] }
         let result = try connection.execute(
@@ -75,7 +75,7 @@ public final class LedgerStore {
             """,
             [.text(partitionListJSON(partitions))])
         var offsets: [PartitionID: Int64] = [:]
-        for row in 0 ..< result.rowCount {
+        for row in 0..<result.rowCount {
             let partition = PartitionID(
                 topic: result.string(row: row, column: 0)!, partition: Int32(result.int(row: row, column: 1)!))
             offsets[partition] = result.int(row: row, column: 2)!

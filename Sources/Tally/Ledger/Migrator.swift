@@ -67,7 +67,9 @@ public enum Migrator {
         return try appliedVersion(connection, quotedSchema: quotedSchema)
     }
 
-    private static func appliedVersion(_ connection: PostgresConnection, quotedSchema: String) throws(PostgresError) -> Int {
+    private static func appliedVersion(_ connection: PostgresConnection, quotedSchema: String) throws(PostgresError)
+        -> Int
+    {
         let result = try connection.execute("SELECT coalesce(max(version), 0) FROM \(quotedSchema).schema_migrations")
         return Int(result.int(row: 0, column: 0) ?? 0)
     }

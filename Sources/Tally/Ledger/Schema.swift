@@ -16,7 +16,9 @@ enum Schema {
     static let dedupePeriodSeconds: Int64 = 7 * 86_400
 
     static let migrations: [Migration] = [
-        Migration(version: 1, description: "ledger, rollups, dedupe keys, duplicates, dead letters and offsets", sql: version1)
+        Migration(
+            version: 1, description: "ledger, rollups, dedupe keys, duplicates, dead letters and offsets", sql: version1
+        )
     ]
 
     static var latestVersion: Int { migrations.last!.version }

@@ -1,6 +1,6 @@
 import JSON
 
-/// How a meter combines the values of the events it reads.
+/// The function that combines the values of a meter's events.
 public enum Aggregation: String, Sendable, CaseIterable {
     case sum, count, min, max
     /// The value of the event with the latest event time.
@@ -27,7 +27,9 @@ public struct Meter: Sendable, Equatable {
     public var valuePath: JSONPath?
     public var groupBy: [GroupBy]
 
-    public init(slug: String, eventType: String, aggregation: Aggregation, valuePath: JSONPath?, groupBy: [GroupBy] = []) {
+    public init(
+        slug: String, eventType: String, aggregation: Aggregation, valuePath: JSONPath?, groupBy: [GroupBy] = []
+    ) {
         self.slug = slug
         self.eventType = eventType
         self.aggregation = aggregation
@@ -41,7 +43,7 @@ public struct Meter: Sendable, Equatable {
     }
 }
 
-/// What one event contributes to one meter.
+/// The contribution of one event to one meter.
 public struct MeterReading: Sendable, Equatable {
     public var meter: String
     /// 1 for `count`; the event's value otherwise.
@@ -62,7 +64,8 @@ public struct MeterReading: Sendable, Equatable {
     }
 }
 
-/// The longest group-by value, in bytes: the values are part of the rollups' primary key.
+/// The maximum length of a group-by value, in bytes, because the values are part of the
+/// rollups' primary key.
 public let maxGroupValueBytes = 256
 
 /// The configured meters, looked up by event type.
@@ -75,12 +78,12 @@ public struct MeterSet: Sendable {
         self.byType = Dictionary(grouping: meters) { ByteString($0.eventType) }
     }
 
-    /// The meters that read events of `type`, in configuration order.
+    /// Returns the meters that read events of `type`, in configuration order.
     public func meters(for type: String) -> [Meter] {
         byType[ByteString(type)] ?? []
     }
 
-    /// The readings of every meter for `type` on `event`, or the rejection of the first meter
+    /// Reads every meter of `type` on `event`, or returns the rejection of the first meter
     /// whose value cannot be read.
     func readings(type: String, event: JSONValue) -> Result<[MeterReading], Rejection> {
         let applicable = meters(for: type)
@@ -175,7 +178,7 @@ private struct QuantityProblem: Error, CustomStringConvertible {
     }
 }
 
-/// A value from an event, quoted and cut to 64 characters for a dead-letter detail.
+/// Quotes a value from an event for a dead-letter detail, cut to 64 characters.
 func quotedForDetail(_ text: String) -> String {
     let limit = 64
     let shortened = text.count > limit ? String(text.prefix(limit)) + "…" : text

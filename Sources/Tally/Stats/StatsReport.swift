@@ -1,12 +1,12 @@
 import Kafka
 import Postgres
 
-/// What `tally stats` prints: per partition, the stored offset and the outcome counts, and per
-/// meter, the totals over all rollups.
+/// The content of `tally stats`: per partition, the stored offset and the outcome counts, and
+/// per meter, the totals over all rollups.
 public struct StatsReport: Sendable {
     public struct PartitionRow: Sendable {
         public var partition: PartitionID
-        /// Where Tally started reading the partition; nil when nothing is stored yet.
+        /// The offset where Tally started reading the partition, or nil when nothing is stored yet.
         public var firstOffset: Int64?
         /// The stored offset: the next offset to read.
         public var storedOffset: Int64?
@@ -49,10 +49,11 @@ public struct StatsReport: Sendable {
 extension LedgerStore {
     /// Reads the stored offsets, outcome counts and meter totals. Partitions of `topics` that
     /// have no stored offset yet are listed when `partitionCounts` names them.
-    public func statsReport(meters: [Meter], partitionCounts: [String: Int] = [:]) throws(PostgresError) -> StatsReport {
+    public func statsReport(meters: [Meter], partitionCounts: [String: Int] = [:]) throws(PostgresError) -> StatsReport
+    {
         var rows: [PartitionID: StatsReport.PartitionRow] = [:]
         for (topic, count) in partitionCounts {
-            for partition in 0 ..< count {
+            for partition in 0..<count {
                 let id = PartitionID(topic: topic, partition: Int32(partition))
                 rows[id] = StatsReport.PartitionRow(partition: id)
             }
@@ -63,8 +64,9 @@ extension LedgerStore {
             SELECT topic, partition, first_offset, next_offset, accepted, unmetered, duplicates
             FROM \(schema).partition_offsets
             """)
-        for row in 0 ..< offsets.rowCount {
-            let id = PartitionID(topic: offsets.string(row: row, column: 0)!, partition: Int32(offsets.int(row: row, column: 1)!))
+        for row in 0..<offsets.rowCount {
+            let id = PartitionID(
+                topic: offsets.string(row: row, column: 0)!, partition: Int32(offsets.int(row: row, column: 1)!))
             var entry = rows[id] ?? StatsReport.PartitionRow(partition: id)
             entry.firstOffset = offsets.int(row: row, column: 2)
             entry.storedOffset = offsets.int(row: row, column: 3)
@@ -74,18 +76,22 @@ extension LedgerStore {
             rows[id] = entry
         }
 
-        let deadLetters = try connection.execute("SELECT topic, partition, reason, count FROM \(schema).dead_letter_counts")
-        for row in 0 ..< deadLetters.rowCount {
+        let deadLetters = try connection.execute(
+            "SELECT topic, partition, reason, count FROM \(schema).dead_letter_counts")
+        for row in 0..<deadLetters.rowCount {
             let id = PartitionID(
-                topic: deadLetters.string(row: row, column: 0)!, partition: Int32(deadLetters.int(row: row, column: 1)!))
-            rows[id, default: StatsReport.PartitionRow(partition: id)].deadLetters[deadLetters.string(row: row, column: 2)!] =
+                topic: deadLetters.string(row: row, column: 0)!, partition: Int32(deadLetters.int(row: row, column: 1)!)
+            )
+            rows[id, default: StatsReport.PartitionRow(partition: id)].deadLetters[
+                deadLetters.string(row: row, column: 2)!] =
                 deadLetters.int(row: row, column: 3) ?? 0
         }
 
         let gaps = try connection.execute(
             "SELECT topic, partition, sum(to_offset - from_offset + 1) FROM \(schema).offset_gaps GROUP BY 1, 2")
-        for row in 0 ..< gaps.rowCount {
-            let id = PartitionID(topic: gaps.string(row: row, column: 0)!, partition: Int32(gaps.int(row: row, column: 1)!))
+        for row in 0..<gaps.rowCount {
+            let id = PartitionID(
+                topic: gaps.string(row: row, column: 0)!, partition: Int32(gaps.int(row: row, column: 1)!))
             rows[id, default: StatsReport.PartitionRow(partition: id)].gapOffsets = gaps.int(row: row, column: 2) ?? 0
         }
 

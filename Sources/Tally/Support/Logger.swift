@@ -32,7 +32,7 @@ public struct Logger: Sendable {
     private let sink: LogSink
     private let context: [(String, String)]
 
-    /// A logger that writes records at `level` and above to `sink`.
+    /// Creates a logger that writes records at `level` and above to `sink`.
     public init(level: Level = .info, sink: LogSink = .standardError) {
         self.sink = sink
         self.context = []
@@ -44,7 +44,7 @@ public struct Logger: Sendable {
         self.context = context
     }
 
-    /// A logger that adds `metadata` to every record.
+    /// Returns a logger that adds `metadata` to every record.
     public func with(_ metadata: KeyValuePairs<String, CustomStringConvertible>) -> Logger {
         Logger(sink: sink, context: context + metadata.map { ($0.key, $0.value.description) })
     }
@@ -84,13 +84,14 @@ public struct Logger: Sendable {
         sink.write(level: level, message: message, fields: context + fields)
     }
 
-    public func log(_ level: Level, _ message: String, _ metadata: KeyValuePairs<String, CustomStringConvertible> = [:]) {
+    public func log(_ level: Level, _ message: String, _ metadata: KeyValuePairs<String, CustomStringConvertible> = [:])
+    {
         guard isEnabled(level) else { return }
         sink.write(level: level, message: message, fields: context + metadata.map { ($0.key, $0.value.description) })
     }
 }
 
-/// Where log lines go. Thread-safe: a mutex orders whole lines.
+/// The destination of log lines. It is thread-safe, because a mutex orders whole lines.
 public final class LogSink: Sendable {
     /// The process's standard error.
     public static let standardError = LogSink(descriptor: 2)
@@ -112,7 +113,7 @@ public final class LogSink: Sendable {
         self.isCapturing = capturing
     }
 
-    /// A sink that keeps lines in memory instead of writing them, for tests.
+    /// Creates a sink that keeps lines in memory instead of writing them, for tests.
     public static func capturing() -> LogSink {
         LogSink(descriptor: -1, capturing: true)
     }
@@ -128,8 +129,8 @@ public final class LogSink: Sendable {
         state.withLock { $0.level = level }
     }
 
-    /// Returns nil when a record for `key` was written less than the interval ago; otherwise
-    /// the number left out since the last one, and records this one as written.
+    /// Returns nil when a record for `key` was written less than the interval ago. Otherwise it
+    /// marks this record as written and returns the number left out since the last one.
     func admit(key: String, intervalMicroseconds: Int64) -> Int? {
         let now = EventTime.systemNow().microseconds
         return state.withLock { state in
@@ -168,12 +169,15 @@ public final class LogSink: Sendable {
     }
 }
 
-/// A logfmt value: bare when it is a plain token, otherwise quoted with `"`, `\` and control
-/// characters escaped, so every record stays on one line.
+/// Formats a logfmt value: bare when it is a plain token, otherwise quoted with `"`, `\` and
+/// control characters escaped, so that every record stays on one line.
 func logfmtValue(_ value: String) -> String {
-    let needsQuotes = value.isEmpty || value.unicodeScalars.contains { scalar in
-        scalar == " " || scalar == "=" || scalar == "\"" || scalar == "\\" || scalar.value < 0x20 || scalar.value == 0x7F
-    }
+    let needsQuotes =
+        value.isEmpty
+        || value.unicodeScalars.contains { scalar in
+            scalar == " " || scalar == "=" || scalar == "\"" || scalar == "\\" || scalar.value < 0x20
+                || scalar.value == 0x7F
+        }
     guard needsQuotes else { return value }
     var quoted = "\""
     for scalar in value.unicodeScalars {
@@ -195,7 +199,7 @@ func logfmtValue(_ value: String) -> String {
 }
 
 extension String {
-    /// The string with `0` added in front up to `width` characters.
+    /// Returns the string with `pad` added in front up to `width` characters.
     func leftPadded(to width: Int, with pad: Character = "0") -> String {
         count >= width ? self : String(repeating: pad, count: width - count) + self
     }

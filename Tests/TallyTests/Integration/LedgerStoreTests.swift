@@ -12,10 +12,13 @@ struct LedgerStoreTests {
 
     let now = try! EventTime.parseRFC3339("2025-01-15T12:30:00Z")
 
-    func validated(_ values: [String], partition: Int32 = 0, firstOffset: Int64 = 0, validator: EventValidator) -> [ValidatedMessage] {
+    func validated(_ values: [String], partition: Int32 = 0, firstOffset: Int64 = 0, validator: EventValidator)
+        -> [ValidatedMessage]
+    {
         values.enumerated().map { index, text in
             let message = KafkaMessage(
-                topic: "usage", partition: partition, offset: firstOffset + Int64(index), key: nil, value: Array(text.utf8))
+                topic: "usage", partition: partition, offset: firstOffset + Int64(index), key: nil,
+                value: Array(text.utf8))
             return ValidatedMessage(message: message, outcome: validator.validate(message.value, now: now))
         }
     }
@@ -61,7 +64,8 @@ struct LedgerStoreTests {
             let validator = try makeValidator()
             let partition = PartitionID(topic: "usage", partition: 0)
             _ = try store.writeBatch(
-                validated([apiCall("e1")], validator: validator), expectedOffsets: [partition: nil], now: now, limits: Self.limits)
+                validated([apiCall("e1")], validator: validator), expectedOffsets: [partition: nil], now: now,
+                limits: Self.limits)
             do {
                 _ = try store.writeBatch(
                     validated([apiCall("e2")], validator: validator), expectedOffsets: [partition: nil], now: now,
@@ -87,7 +91,10 @@ struct LedgerStoreTests {
                 expectedOffsets: [PartitionID(topic: "usage", partition: 1): nil], now: now, limits: Self.limits)
 
             let batch = validated(
-                [apiCall("e1", "cust-1", "2"), apiCall("e2", "cust-1", "3"), apiCall("e1", "cust-1", "2"), apiCall("e3", "cust-1", "4"), apiCall("e0", "cust-1", "1")],
+                [
+                    apiCall("e1", "cust-1", "2"), apiCall("e2", "cust-1", "3"), apiCall("e1", "cust-1", "2"),
+                    apiCall("e3", "cust-1", "4"), apiCall("e0", "cust-1", "1"),
+                ],
                 validator: validator)
             let summary = try store.writeBatch(batch, expectedOffsets: [partition: nil], now: now, limits: Self.limits)
 
@@ -95,14 +102,16 @@ struct LedgerStoreTests {
             #expect(summary.duplicates == 2)
             #expect(summary.deadLetterCount == 0)
             #expect(summary.nextOffsets[partition] == 5)
-            let duplicates = try schema.query("SELECT kafka_offset::text FROM {s}.duplicates WHERE kafka_partition = 0 ORDER BY 1")
+            let duplicates = try schema.query(
+                "SELECT kafka_offset::text FROM {s}.duplicates WHERE kafka_partition = 0 ORDER BY 1")
             #expect(duplicates == [["2"], ["4"]])
             #expect(try schema.scalar("SELECT sum FROM {s}.rollups WHERE meter = 'api_calls'") == "10")
             #expect(try schema.scalar("SELECT event_count FROM {s}.rollups WHERE meter = 'calls'") == "4")
             // The duplicate of e0 points at the ledger row written by the first batch.
             #expect(
                 try schema.scalar(
-                    "SELECT l.event_id FROM {s}.duplicates d JOIN {s}.ledger l ON l.id = d.original_ledger_id WHERE d.kafka_offset = 4")
+                    "SELECT l.event_id FROM {s}.duplicates d JOIN {s}.ledger l ON l.id = d.original_ledger_id WHERE d.kafka_offset = 4"
+                )
                     == "e0")
             try schema.expectInvariants()
         }
@@ -134,14 +143,17 @@ struct LedgerStoreTests {
             let validator = try makeValidator()
             let partition = PartitionID(topic: "usage", partition: 0)
             _ = try store.writeBatch(
-                validated([apiCall("e1", "cust-1", "5")], validator: validator), expectedOffsets: [partition: nil], now: now,
+                validated([apiCall("e1", "cust-1", "5")], validator: validator), expectedOffsets: [partition: nil],
+                now: now,
                 limits: Self.limits)
 
             // Twenty days later the key lives in an older dedupe partition, still inside the window.
             let later = now.adding(microseconds: 20 * EventTime.microsecondsPerDay)
-            let message = KafkaMessage(topic: "usage", partition: 0, offset: 1, key: nil, value: Array(apiCall("e1", "cust-1", "5").utf8))
-            let repeat_ = ValidatedMessage(message: message, outcome: validator.validate(message.value, now: later))
-            let summary = try store.writeBatch([repeat_], expectedOffsets: [partition: 1], now: later, limits: Self.limits)
+            let message = KafkaMessage(
+                topic: "usage", partition: 0, offset: 1, key: nil, value: Array(apiCall("e1", "cust-1", "5").utf8))
+            let repeated = ValidatedMessage(message: message, outcome: validator.validate(message.value, now: later))
+            let summary = try store.writeBatch(
+                [repeated], expectedOffsets: [partition: 1], now: later, limits: Self.limits)
             #expect(summary.duplicates == 1)
             #expect(try schema.count("SELECT count(DISTINCT period) FROM {s}.dedupe_keys") == 1)
             try schema.expectInvariants()
@@ -159,7 +171,8 @@ struct LedgerStoreTests {
             let next = validated([apiCall("e3")], firstOffset: 9, validator: validator)
             _ = try store.writeBatch(next, expectedOffsets: [partition: 6], now: now, limits: Self.limits)
 
-            let gaps = try schema.query("SELECT from_offset::text, to_offset::text FROM {s}.offset_gaps ORDER BY from_offset")
+            let gaps = try schema.query(
+                "SELECT from_offset::text, to_offset::text FROM {s}.offset_gaps ORDER BY from_offset")
             #expect(gaps == [["1", "4"], ["6", "8"]])
             #expect(try schema.scalar("SELECT next_offset FROM {s}.partition_offsets") == "10")
             try schema.expectInvariants()
@@ -169,20 +182,28 @@ struct LedgerStoreTests {
     @Test func aggregationsKeepMinMaxAndLatestByEventTime() async throws {
         try await withTestSchema { schema in
             let meters = [
-                Meter(slug: "peak", eventType: "api.call", aggregation: .max, valuePath: try JSONPath("$.data.quantity")),
-                Meter(slug: "low", eventType: "api.call", aggregation: .min, valuePath: try JSONPath("$.data.quantity")),
-                Meter(slug: "gauge", eventType: "api.call", aggregation: .latest, valuePath: try JSONPath("$.data.quantity")),
+                Meter(
+                    slug: "peak", eventType: "api.call", aggregation: .max, valuePath: try JSONPath("$.data.quantity")),
+                Meter(
+                    slug: "low", eventType: "api.call", aggregation: .min, valuePath: try JSONPath("$.data.quantity")),
+                Meter(
+                    slug: "gauge", eventType: "api.call", aggregation: .latest,
+                    valuePath: try JSONPath("$.data.quantity")),
             ]
             let store = try makeStore(schema)
             try store.recordMeters(meters)
             let validator = EventValidator(meters: MeterSet(meters), limits: Self.limits)
             let partition = PartitionID(topic: "usage", partition: 0)
             let first = validated(
-                [apiCall("a", "c", "5", time: "2025-01-15T12:00:30Z"), apiCall("b", "c", "-2", time: "2025-01-15T12:00:10Z")],
+                [
+                    apiCall("a", "c", "5", time: "2025-01-15T12:00:30Z"),
+                    apiCall("b", "c", "-2", time: "2025-01-15T12:00:10Z"),
+                ],
                 validator: validator)
             _ = try store.writeBatch(first, expectedOffsets: [partition: nil], now: now, limits: Self.limits)
             // Arrives later but happened earlier: it must not become the latest value.
-            let second = validated([apiCall("d", "c", "9", time: "2025-01-15T12:00:20Z")], firstOffset: 2, validator: validator)
+            let second = validated(
+                [apiCall("d", "c", "9", time: "2025-01-15T12:00:20Z")], firstOffset: 2, validator: validator)
             _ = try store.writeBatch(second, expectedOffsets: [partition: 2], now: now, limits: Self.limits)
 
             let value = "SELECT value::text FROM {s}.usage_per_minute WHERE meter = $1"
@@ -202,7 +223,7 @@ struct LedgerStoreTests {
             let name = schema.name + "_c"
             defer { _ = try? schema.connection.execute("DROP SCHEMA IF EXISTS \(name) CASCADE") }
             let outcomes = try await withThrowingTaskGroup(of: Migrator.Outcome.self) { group in
-                for _ in 0 ..< 3 {
+                for _ in 0..<3 {
                     group.addTask {
                         let connection = try PostgresConnection(conninfo: "", applicationName: "tally tests")
                         return try Migrator.migrate(connection, schema: name, logger: Logger(level: .warning))

@@ -11,19 +11,36 @@ struct WorkerTests {
         try await withTestSchema { schema in
             let kafka = try TestKafka()
             let t0 = "2025-01-15T12:00:10Z"
-            func event(_ id: String, time: String = t0, data: String = #"{"quantity":1}"#, subject: String = #""cust-1""#) -> [UInt8] {
-                Array(#"{"specversion":"1.0","id":"\#(id)","source":"test","type":"api.call","subject":\#(subject),"time":"\#(time)","data":\#(data)}"#.utf8)
+            func event(
+                _ id: String, time: String = t0, data: String = #"{"quantity":1}"#, subject: String = #""cust-1""#
+            ) -> [UInt8] {
+                Array(
+                    #"{"specversion":"1.0","id":"\#(id)","source":"test","type":"api.call","subject":\#(subject),"time":"\#(time)","data":\#(data)}"#
+                        .utf8)
             }
             let cases: [(String, [UInt8]?)] = [
                 ("null_value", nil),
                 ("empty_value", []),
-                ("payload_too_large", event("big", data: #"{"quantity":1,"pad":""# + String(repeating: "x", count: 3000) + #""}"#)),
+                (
+                    "payload_too_large",
+                    event("big", data: #"{"quantity":1,"pad":""# + String(repeating: "x", count: 3000) + #""}"#)
+                ),
                 ("invalid_utf8", Array(#"{"specversion":"1.0","id":"u"#.utf8) + [0xFF, 0xFE] + Array(#""}"#.utf8)),
                 ("malformed_json", Array(#"{"id":"#.utf8)),
                 ("duplicate_json_key", Array(#"{"id":"d2","id":"d3"}"#.utf8)),
-                ("missing_attribute", Array(#"{"specversion":"1.0","id":"m","type":"api.call","subject":"c","time":"2025-01-15T12:00:10Z"}"#.utf8)),
+                (
+                    "missing_attribute",
+                    Array(
+                        #"{"specversion":"1.0","id":"m","type":"api.call","subject":"c","time":"2025-01-15T12:00:10Z"}"#
+                            .utf8)
+                ),
                 ("invalid_attribute", event("ia", subject: #"["cust-1"]"#)),
-                ("unsupported_specversion", Array(#"{"specversion":"0.3","id":"sv","source":"test","type":"api.call","subject":"c","time":"2025-01-15T12:00:10Z"}"#.utf8)),
+                (
+                    "unsupported_specversion",
+                    Array(
+                        #"{"specversion":"0.3","id":"sv","source":"test","type":"api.call","subject":"c","time":"2025-01-15T12:00:10Z"}"#
+                            .utf8)
+                ),
                 ("invalid_time", event("it", time: "2024")),
                 ("too_late", event("tl", time: "2024-01-15T12:00:10Z")),
                 ("time_in_future", event("tf", time: "2099-01-01T00:00:00Z")),
@@ -33,7 +50,10 @@ struct WorkerTests {
             ]
             // The first "ok" is accepted; the second, with another payload, conflicts with it.
             try kafka.produce([event("ok")])
-            let headers = [KafkaHeader(name: "trace", value: "abc"), KafkaHeader(name: [0x78, 0xFF], value: [0xFF]), KafkaHeader(name: "nothing", value: nil)]
+            let headers = [
+                KafkaHeader(name: "trace", value: "abc"), KafkaHeader(name: [0x78, 0xFF], value: [0xFF]),
+                KafkaHeader(name: "nothing", value: nil),
+            ]
             for (_, value) in cases {
                 try kafka.produce([value], key: Array("key-1".utf8), headers: headers)
             }
@@ -42,7 +62,8 @@ struct WorkerTests {
             }
 
             let rows = try schema.connection.execute(
-                "SELECT kafka_offset, reason, encode(message_value, 'hex'), message_value IS NULL, encode(message_key, 'hex'), headers::text FROM \(schema.name).dead_letters ORDER BY kafka_offset")
+                "SELECT kafka_offset, reason, encode(message_value, 'hex'), message_value IS NULL, encode(message_key, 'hex'), headers::text FROM \(schema.name).dead_letters ORDER BY kafka_offset"
+            )
             #expect(rows.rowCount == cases.count)
             for (index, (reason, value)) in cases.enumerated() where index < rows.rowCount {
                 #expect(rows.int(row: index, column: 0) == Int64(index + 1))
@@ -55,7 +76,8 @@ struct WorkerTests {
                 #expect(rows.string(row: index, column: 4) == Array("key-1".utf8).hexString)
                 #expect(
                     rows.string(row: index, column: 5)
-                        == #"[{"name": "trace", "value": "abc"}, {"name_hex": "78ff", "value_hex": "ff"}, {"name": "nothing", "value": null}]"#)
+                        == #"[{"name": "trace", "value": "abc"}, {"name_hex": "78ff", "value_hex": "ff"}, {"name": "nothing", "value": null}]"#
+                )
             }
             #expect(try schema.count("SELECT count(*) FROM {s}.ledger") == 1)
             #expect(try schema.scalar("SELECT next_offset FROM {s}.partition_offsets") == String(cases.count + 1))
@@ -69,7 +91,9 @@ struct WorkerTests {
         try await withTestSchema { schema in
             let kafka = try TestKafka(partitions: 2)
             let clock = try clockNearT0()
-            try kafka.produce([apiCall("e1", "cust-1", "2"), apiCall("e1", "cust-1", "2"), apiCall("e2", "cust-1", "3")], partition: 0)
+            try kafka.produce(
+                [apiCall("e1", "cust-1", "2"), apiCall("e1", "cust-1", "2"), apiCall("e2", "cust-1", "3")], partition: 0
+            )
             try await ingestAll(kafka: kafka, schema: schema, clock: clock)
 
             try kafka.produce([apiCall("e2", "cust-1", "3")], partition: 0)
@@ -82,7 +106,10 @@ struct WorkerTests {
             #expect(duplicates == [["0", "1", "e1"], ["0", "3", "e2"], ["1", "0", "e1"]])
             #expect(try schema.scalar("SELECT sum FROM {s}.rollups WHERE meter = 'api_calls'") == "9")
             #expect(try schema.scalar("SELECT event_count FROM {s}.rollups WHERE meter = 'calls'") == "3")
-            #expect(try schema.query("SELECT partition::text, duplicates::text FROM {s}.partition_offsets ORDER BY 1") == [["0", "2"], ["1", "1"]])
+            #expect(
+                try schema.query("SELECT partition::text, duplicates::text FROM {s}.partition_offsets ORDER BY 1") == [
+                    ["0", "2"], ["1", "1"],
+                ])
             try schema.expectInvariants()
         }
     }
@@ -111,10 +138,19 @@ struct WorkerTests {
             ])
             try await ingestAll(kafka: kafka, schema: schema, clock: try clockNearT0())
 
-            let sums = try schema.query("SELECT subject, sum::text FROM {s}.rollups WHERE meter = 'api_calls' ORDER BY subject")
-            #expect(sums == [["cust-1", "0.3"], ["cust-2", "0.691"], ["cust-3", "9007199254740993"], ["cust-4", "0.027121761950711698"], ["cust-5", "12.5"], ["cust-6", "12.5"]])
-            let stored = try schema.query("SELECT event_id, meters -> 'api_calls' ->> 'quantity' FROM {s}.ledger ORDER BY event_id")
-            #expect(stored.map { $0[1] } == ["0.1", "0.2", "0.691", "9007199254740993", "0.027121761950711698", "12.5", "12.5"])
+            let sums = try schema.query(
+                "SELECT subject, sum::text FROM {s}.rollups WHERE meter = 'api_calls' ORDER BY subject")
+            #expect(
+                sums == [
+                    ["cust-1", "0.3"], ["cust-2", "0.691"], ["cust-3", "9007199254740993"],
+                    ["cust-4", "0.027121761950711698"], ["cust-5", "12.5"], ["cust-6", "12.5"],
+                ])
+            let stored = try schema.query(
+                "SELECT event_id, meters -> 'api_calls' ->> 'quantity' FROM {s}.ledger ORDER BY event_id")
+            #expect(
+                stored.map { $0[1] } == [
+                    "0.1", "0.2", "0.691", "9007199254740993", "0.027121761950711698", "12.5", "12.5",
+                ])
             try schema.expectInvariants()
         }
     }
@@ -131,10 +167,16 @@ struct WorkerTests {
             try await ingestAll(kafka: kafka, schema: schema, clock: clock)
 
             let times = try schema.query(
-                "SELECT event_id, to_char(event_time AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US') FROM {s}.ledger ORDER BY event_id")
-            #expect(times == [["t1", "2016-12-31T23:59:58.999999"], ["t2", "2016-12-31T23:59:59.999999"], ["t3", "2016-12-31T23:59:59.999999"]])
+                "SELECT event_id, to_char(event_time AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US') FROM {s}.ledger ORDER BY event_id"
+            )
+            #expect(
+                times == [
+                    ["t1", "2016-12-31T23:59:58.999999"], ["t2", "2016-12-31T23:59:59.999999"],
+                    ["t3", "2016-12-31T23:59:59.999999"],
+                ])
             let minutes = try schema.query(
-                "SELECT to_char(minute AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI'), sum::text FROM {s}.rollups WHERE meter = 'api_calls'")
+                "SELECT to_char(minute AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI'), sum::text FROM {s}.rollups WHERE meter = 'api_calls'"
+            )
             #expect(minutes == [["2016-12-31 23:59", "3"]])
             try schema.expectInvariants()
         }
@@ -144,9 +186,13 @@ struct WorkerTests {
         try await withTestSchema { schema in
             let kafka = try TestKafka()
             let meters = [
-                Meter(slug: "input_tokens", eventType: "llm.request", aggregation: .sum, valuePath: try JSONPath("$.data.input_tokens"),
-                      groupBy: [GroupBy(name: "model", path: try JSONPath("$.data.model"))]),
-                Meter(slug: "output_tokens", eventType: "llm.request", aggregation: .sum, valuePath: try JSONPath("$.data.output_tokens")),
+                Meter(
+                    slug: "input_tokens", eventType: "llm.request", aggregation: .sum,
+                    valuePath: try JSONPath("$.data.input_tokens"),
+                    groupBy: [GroupBy(name: "model", path: try JSONPath("$.data.model"))]),
+                Meter(
+                    slug: "output_tokens", eventType: "llm.request", aggregation: .sum,
+                    valuePath: try JSONPath("$.data.output_tokens")),
                 Meter(slug: "requests", eventType: "llm.request", aggregation: .count, valuePath: nil),
             ]
             try kafka.produce([
@@ -155,13 +201,18 @@ struct WorkerTests {
             ])
             try await ingestAll(kafka: kafka, schema: schema, clock: try clockNearT0(), meters: meters)
 
-            let rollups = try schema.query("SELECT meter, subject, groups::text, value::text FROM {s}.usage_per_minute ORDER BY meter")
-            #expect(rollups == [
-                ["input_tokens", "customer-42", #"{"model": "gpt-x"}"#, "1200"],
-                ["output_tokens", "customer-42", "{}", "340"],
-                ["requests", "customer-42", "{}", "1"],
-            ])
-            #expect(try schema.scalar("SELECT jsonb_object_keys(meters) FROM {s}.ledger WHERE event_id = 'req-7f3a' ORDER BY 1 LIMIT 1") == "input_tokens")
+            let rollups = try schema.query(
+                "SELECT meter, subject, groups::text, value::text FROM {s}.usage_per_minute ORDER BY meter")
+            #expect(
+                rollups == [
+                    ["input_tokens", "customer-42", #"{"model": "gpt-x"}"#, "1200"],
+                    ["output_tokens", "customer-42", "{}", "340"],
+                    ["requests", "customer-42", "{}", "1"],
+                ])
+            #expect(
+                try schema.scalar(
+                    "SELECT jsonb_object_keys(meters) FROM {s}.ledger WHERE event_id = 'req-7f3a' ORDER BY 1 LIMIT 1")
+                    == "input_tokens")
             #expect(try schema.scalar("SELECT meters::text FROM {s}.ledger WHERE event_id = 'img-1'") == "{}")
             #expect(try schema.scalar("SELECT unmetered FROM {s}.partition_offsets") == "1")
             try schema.expectInvariants()
@@ -174,13 +225,15 @@ struct WorkerTests {
             try kafka.produce([apiCall("a", "cust-1", "1", time: "2025-01-15T12:05:10Z")])
             try await ingestAll(kafka: kafka, schema: schema, clock: try clockNearT0())
             try kafka.produce([
-                apiCall("b", "cust-1", "1", time: "2025-01-15T12:00:10Z"), apiCall("c", "cust-1", "1", time: "2025-01-13T12:00:10Z"),
+                apiCall("b", "cust-1", "1", time: "2025-01-15T12:00:10Z"),
+                apiCall("c", "cust-1", "1", time: "2025-01-13T12:00:10Z"),
                 apiCall("d", "cust-1", "2", time: "2025-01-15T12:05:59.999999Z"),
             ])
             try await ingestAll(kafka: kafka, schema: schema, clock: try clockNearT0())
 
             let rows = try schema.query(
-                "SELECT to_char(minute AT TIME ZONE 'UTC', 'MM-DD HH24:MI'), sum::text FROM {s}.rollups WHERE meter = 'api_calls' ORDER BY minute")
+                "SELECT to_char(minute AT TIME ZONE 'UTC', 'MM-DD HH24:MI'), sum::text FROM {s}.rollups WHERE meter = 'api_calls' ORDER BY minute"
+            )
             #expect(rows == [["01-13 12:00", "1"], ["01-15 12:00", "1"], ["01-15 12:05", "3"]])
             #expect(try schema.count("SELECT count(*) FROM {s}.dead_letters") == 0)
             try schema.expectInvariants()
@@ -203,7 +256,10 @@ struct WorkerTests {
             try await ingestAll(kafka: kafka, schema: schema, clock: clock)
             #expect(try schema.count("SELECT count(*) FROM {s}.ledger") == 4)
             #expect(try schema.count("SELECT count(*) FROM {s}.duplicates") == 0)
-            #expect(try schema.query("SELECT next_offset::text FROM {s}.partition_offsets ORDER BY partition") == [["2"], ["2"]])
+            #expect(
+                try schema.query("SELECT next_offset::text FROM {s}.partition_offsets ORDER BY partition") == [
+                    ["2"], ["2"],
+                ])
             try schema.expectInvariants()
         }
     }
@@ -214,7 +270,7 @@ struct WorkerTests {
             // Past 5 MiB per partition the 2.0.2 mock cluster drops the oldest message sets,
             // as retention would, so the log no longer starts at 0.
             let padding = String(repeating: "x", count: 4000)
-            let events = (0 ..< 1700).map { index in
+            let events = (0..<1700).map { index in
                 #"{"specversion":"1.0","id":"p\#(index)","source":"test","type":"api.call","subject":"cust-1","time":"2025-01-15T12:00:10Z","data":{"quantity":1,"pad":"\#(padding)"}}"#
             }
             try kafka.produce(events)

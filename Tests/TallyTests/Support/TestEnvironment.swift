@@ -42,7 +42,9 @@ final class TestSchema {
     /// Runs a query and returns its rows as text.
     @discardableResult
     func query(_ sql: String, _ parameters: [String?] = []) throws -> [[String?]] {
-        try connection.execute(sql.replacingOccurrences(of: "{s}", with: name), parameters.map { $0.map(PostgresParameter.text) }).rows
+        try connection.execute(
+            sql.replacingOccurrences(of: "{s}", with: name), parameters.map { $0.map(PostgresParameter.text) }
+        ).rows
     }
 
     /// The single value of a query that returns one row and one column.
@@ -58,9 +60,9 @@ final class TestSchema {
         Int(try scalar(sql) ?? "0") ?? -1
     }
 
-    /// Checks the three invariants the transaction keeps:
-    /// every rollup equals its ledger rows; every offset below each stored offset has exactly
-    /// one outcome or lies in a recorded gap; no message is both accepted and dead-lettered.
+    /// Checks the three invariants that the batch transaction keeps. Every rollup equals its
+    /// ledger rows. Every offset below each stored offset has exactly one outcome or lies in a
+    /// recorded gap. No message is both accepted and dead-lettered.
     func expectInvariants(sourceLocation: SourceLocation = #_sourceLocation) throws {
         let mismatches = try query("SELECT meter, subject, minute::text FROM {s}.rollup_mismatches")
         #expect(mismatches.isEmpty, "rollups differ from the ledger: \(mismatches)", sourceLocation: sourceLocation)
@@ -82,7 +84,8 @@ final class TestSchema {
             GROUP BY 1, 2, 3
             HAVING count(x.kafka_offset) <> 1
             """)
-        #expect(outcomeGaps.isEmpty, "offsets without exactly one outcome: \(outcomeGaps)", sourceLocation: sourceLocation)
+        #expect(
+            outcomeGaps.isEmpty, "offsets without exactly one outcome: \(outcomeGaps)", sourceLocation: sourceLocation)
 
         let both = try count(
             """
@@ -129,10 +132,10 @@ final class TestKafka {
         try produce(texts.map { Array($0.utf8) }, partition: partition)
     }
 
-    /// The log start and end of each partition.
+    /// Returns the log start and end of each partition.
     func watermarks() throws -> [Int32: KafkaWatermarks] {
         var marks: [Int32: KafkaWatermarks] = [:]
-        for partition in 0 ..< partitions {
+        for partition in 0..<partitions {
             marks[partition] = try producer.watermarks(topic: topic, partition: partition, timeoutMilliseconds: 10_000)
         }
         return marks
@@ -154,7 +157,8 @@ final class RunningWorker: @unchecked Sendable {
             let observer = Worker.Observer(partitionsAssigned: { partitions in
                 self.assignedCount.withLock { $0 += partitions.count }
             })
-            let worker = Worker(configuration: configuration, clock: clock, logger: logger, stopSignal: stopSignal, observer: observer)
+            let worker = Worker(
+                configuration: configuration, clock: clock, logger: logger, stopSignal: stopSignal, observer: observer)
             do {
                 try worker.run()
             } catch {
@@ -177,10 +181,11 @@ final class RunningWorker: @unchecked Sendable {
             }
             if assignedCount.withLock({ $0 }) >= Int(kafka.partitions) {
                 let marks = try kafka.watermarks()
-                let stored = try connection.execute("SELECT partition, next_offset FROM \(settings.schema).partition_offsets")
+                let stored = try connection.execute(
+                    "SELECT partition, next_offset FROM \(settings.schema).partition_offsets")
                 lastSeen = stored.rows
                 var offsets: [Int32: Int64] = [:]
-                for row in 0 ..< stored.rowCount {
+                for row in 0..<stored.rowCount {
                     offsets[Int32(stored.int(row: row, column: 0)!)] = stored.int(row: row, column: 1)!
                 }
                 let done = marks.allSatisfy { partition, mark in
@@ -246,13 +251,15 @@ func ingestAll(
 }
 
 /// `E(id, subject, quantity, time)`: an `api.call` CloudEvent with no whitespace.
-func apiCall(_ id: String, _ subject: String = "cust-1", _ quantity: String = "1", time: String = "2025-01-15T12:00:10Z")
+func apiCall(
+    _ id: String, _ subject: String = "cust-1", _ quantity: String = "1", time: String = "2025-01-15T12:00:10Z"
+)
     -> String
 {
     #"{"specversion":"1.0","id":"\#(id)","source":"test","type":"api.call","subject":"\#(subject)","time":"\#(time)","data":{"quantity":\#(quantity)}}"#
 }
 
-/// The clock the tests run at unless they say otherwise: shortly after T0 = 2025-01-15T12:00:10Z.
+/// Returns the default clock of the tests, set shortly after T0 = 2025-01-15T12:00:10Z.
 func clockNearT0() throws -> ManualClock {
     ManualClock(try EventTime.parseRFC3339("2025-01-15T12:30:00Z"))
 }

@@ -30,7 +30,9 @@ struct ConfigurationTests {
     }
 
     @Test func exampleConfigurationLoads() throws {
-        let path = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("../../../docs/examples/tally.yaml").path
+        let path = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent(
+            "../../../docs/examples/tally.yaml"
+        ).path
         let configuration = try Configuration.load(path: path, environment: ["KAFKA_PASSWORD": "secret"])
         #expect(configuration.kafka.topics == ["usage"])
         #expect(configuration.meters.map(\.slug) == ["input_tokens", "output_tokens", "requests"])
@@ -82,11 +84,24 @@ struct ConfigurationTests {
     }
 
     @Test func meterMistakesAreReported() {
-        #expect(message(Self.minimal.replacingOccurrences(of: "aggregation: sum", with: "aggregation: avg")).contains("avg"))
-        #expect(message(Self.minimal.replacingOccurrences(of: "\n    value: $.data.quantity", with: "")).contains("needs a value path"))
-        #expect(message(Self.minimal.replacingOccurrences(of: "$.data.quantity", with: "data.quantity")).contains("must start with '$'"))
-        #expect(message(Self.minimal + "\n  - slug: api_calls\n    event_type: x\n    aggregation: count").contains("used twice"))
-        #expect(message(Self.minimal.replacingOccurrences(of: "aggregation: sum\n    value: $.data.quantity", with: "aggregation: count\n    value: $.data.quantity")).contains("takes no value"))
+        #expect(
+            message(Self.minimal.replacingOccurrences(of: "aggregation: sum", with: "aggregation: avg")).contains("avg")
+        )
+        #expect(
+            message(Self.minimal.replacingOccurrences(of: "\n    value: $.data.quantity", with: "")).contains(
+                "needs a value path"))
+        #expect(
+            message(Self.minimal.replacingOccurrences(of: "$.data.quantity", with: "data.quantity")).contains(
+                "must start with '$'"))
+        #expect(
+            message(Self.minimal + "\n  - slug: api_calls\n    event_type: x\n    aggregation: count").contains(
+                "used twice"))
+        #expect(
+            message(
+                Self.minimal.replacingOccurrences(
+                    of: "aggregation: sum\n    value: $.data.quantity",
+                    with: "aggregation: count\n    value: $.data.quantity")
+            ).contains("takes no value"))
     }
 
     @Test func environmentVariablesAreExpanded() throws {
@@ -103,7 +118,10 @@ struct ConfigurationTests {
 
     @Test func jsonPathsAcceptBracketsAndIndexes() throws {
         let path = try JSONPath("$.data['model.name'].items[2]")
-        #expect(path.steps == [.member(ByteString("data")), .member(ByteString("model.name")), .member(ByteString("items")), .index(2)])
+        #expect(
+            path.steps == [
+                .member(ByteString("data")), .member(ByteString("model.name")), .member(ByteString("items")), .index(2),
+            ])
         #expect(throws: ConfigurationError.self) { try JSONPath("$") }
         #expect(throws: ConfigurationError.self) { try JSONPath("$.data[") }
         #expect(throws: ConfigurationError.self) { try JSONPath("$..x") }

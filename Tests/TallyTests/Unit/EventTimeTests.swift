@@ -53,7 +53,7 @@ struct EventTimeTests {
     @Test func everyDayOfFourHundredYearsRoundTrips() throws {
         let start = try EventTime.parseRFC3339("1900-01-01T00:00:00Z").microseconds
         var firstMismatch: String?
-        for index in 0 ..< 146_097 where firstMismatch == nil {
+        for index in 0..<146_097 where firstMismatch == nil {
             let time = EventTime(microseconds: start + Int64(index) * EventTime.microsecondsPerDay + 45_296_789_012)
             let text = time.rfc3339
             if (try? EventTime.parseRFC3339(text)) != time { firstMismatch = text }

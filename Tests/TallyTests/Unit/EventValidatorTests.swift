@@ -8,13 +8,17 @@ struct EventValidatorTests {
     let validator: EventValidator
 
     init() throws {
-        let meters = try standardMeters() + [
-            Meter(
-                slug: "input_tokens", eventType: "llm.request", aggregation: .sum, valuePath: try JSONPath("$.data.input_tokens"),
-                groupBy: [GroupBy(name: "model", path: try JSONPath("$.data.model"))]),
-            Meter(slug: "output_tokens", eventType: "llm.request", aggregation: .sum, valuePath: try JSONPath("$.data.output_tokens")),
-            Meter(slug: "requests", eventType: "llm.request", aggregation: .count, valuePath: nil),
-        ]
+        let meters =
+            try standardMeters() + [
+                Meter(
+                    slug: "input_tokens", eventType: "llm.request", aggregation: .sum,
+                    valuePath: try JSONPath("$.data.input_tokens"),
+                    groupBy: [GroupBy(name: "model", path: try JSONPath("$.data.model"))]),
+                Meter(
+                    slug: "output_tokens", eventType: "llm.request", aggregation: .sum,
+                    valuePath: try JSONPath("$.data.output_tokens")),
+                Meter(slug: "requests", eventType: "llm.request", aggregation: .count, valuePath: nil),
+            ]
         validator = EventValidator(
             meters: MeterSet(meters),
             limits: ValidationLimits(
@@ -36,7 +40,7 @@ struct EventValidatorTests {
         return nil
     }
 
-    /// An `api.call` event with one attribute replaced by raw JSON text, or removed when nil.
+    /// Returns an `api.call` event with one attribute replaced by raw JSON text, or removed when nil.
     func event(replacing name: String, with json: String?) -> String {
         var attributes: [(String, String)] = [
             ("specversion", #""1.0""#), ("id", #""e1""#), ("source", #""test""#), ("type", #""api.call""#),
@@ -59,7 +63,8 @@ struct EventValidatorTests {
     }
 
     @Test func llmRequestFeedsThreeMeters() throws {
-        let text = #"{"specversion":"1.0","id":"req-7f3a","source":"api-gateway","type":"llm.request","subject":"customer-42","time":"2025-01-15T12:15:30.123456Z","data":{"model":"gpt-x","input_tokens":1200,"output_tokens":340}}"#
+        let text =
+            #"{"specversion":"1.0","id":"req-7f3a","source":"api-gateway","type":"llm.request","subject":"customer-42","time":"2025-01-15T12:15:30.123456Z","data":{"model":"gpt-x","input_tokens":1200,"output_tokens":340}}"#
         let event = try #require(accepted(text))
         #expect(event.readings.map(\.meter) == ["input_tokens", "output_tokens", "requests"])
         #expect(event.readings.map(\.quantity.text) == ["1200", "340", "1"])
@@ -78,7 +83,8 @@ struct EventValidatorTests {
 
     @Test func payloadHashIgnoresKeyOrderAndWhitespace() throws {
         let first = try #require(accepted(apiCall("e1")))
-        let reordered = #"{ "data": {"quantity": 1}, "time":"2025-01-15T12:00:10Z","subject":"cust-1","type":"api.call","source":"test","id":"e1","specversion":"1.0" }"#
+        let reordered =
+            #"{ "data": {"quantity": 1}, "time":"2025-01-15T12:00:10Z","subject":"cust-1","type":"api.call","source":"test","id":"e1","specversion":"1.0" }"#
         let second = try #require(accepted(reordered))
         #expect(first.payloadSHA256 == second.payloadSHA256)
         let changed = try #require(accepted(apiCall("e1", "cust-1", "2")))
@@ -170,9 +176,11 @@ struct EventValidatorTests {
     }
 
     @Test func groupByValuesMustBeScalars() {
-        let text = #"{"specversion":"1.0","id":"r1","source":"s","type":"llm.request","subject":"c","time":"2025-01-15T12:00:00Z","data":{"model":{"name":"x"},"input_tokens":1,"output_tokens":1}}"#
+        let text =
+            #"{"specversion":"1.0","id":"r1","source":"s","type":"llm.request","subject":"c","time":"2025-01-15T12:00:00Z","data":{"model":{"name":"x"},"input_tokens":1,"output_tokens":1}}"#
         #expect(reason(text) == .invalidValue)
-        let missingModel = #"{"specversion":"1.0","id":"r1","source":"s","type":"llm.request","subject":"c","time":"2025-01-15T12:00:00Z","data":{"input_tokens":1,"output_tokens":1}}"#
+        let missingModel =
+            #"{"specversion":"1.0","id":"r1","source":"s","type":"llm.request","subject":"c","time":"2025-01-15T12:00:00Z","data":{"input_tokens":1,"output_tokens":1}}"#
         #expect(reason(missingModel) == nil)
     }
 }

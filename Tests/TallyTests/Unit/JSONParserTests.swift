@@ -36,7 +36,7 @@ struct JSONParserTests {
     }
 
     @Test func duplicateKeyInLargeObjectIsRejected() {
-        let members = (0 ..< 40).map { #""k\#($0)":\#($0)"# }.joined(separator: ",")
+        let members = (0..<40).map { #""k\#($0)":\#($0)"# }.joined(separator: ",")
         #expect(throws: JSONParseError.duplicateKey(key: "k7", path: "$")) {
             try parse("{\(members),\"k7\":1}")
         }
@@ -66,7 +66,9 @@ struct JSONParserTests {
 
     @Test func surrogatePairIsDecoded() throws {
         let value = try parse(#"{"a":"\ud83d\ude00"}"#)
-        #expect(value.member("a").map { if case .string(let text) = $0 { return text == "😀" } else { return false } } == true)
+        #expect(
+            value.member("a").map { if case .string(let text) = $0 { return text == "😀" } else { return false } }
+                == true)
     }
 
     @Test func escapedBackslashBeforeUIsNotAnEscape() throws {

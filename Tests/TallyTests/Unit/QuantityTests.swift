@@ -14,7 +14,9 @@ struct QuantityTests {
         #expect(try Quantity(parsing: input).text == expected)
     }
 
-    @Test(arguments: ["abc", "", " 1", "1 ", "+1", "01", "1.", ".5", "NaN", "Infinity", "-Infinity", "1e", "0x10", "1,5", "--1"])
+    @Test(arguments: [
+        "abc", "", " 1", "1 ", "+1", "01", "1.", ".5", "NaN", "Infinity", "-Infinity", "1e", "0x10", "1,5", "--1",
+    ])
     func rejectsTextThatIsNotAJSONNumber(input: String) {
         #expect(throws: QuantityError.notANumber) { try Quantity(parsing: input) }
     }
