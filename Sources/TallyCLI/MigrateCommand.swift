@@ -29,6 +29,10 @@ enum MigrateCommand: Command {
             level = configuration.logLevel
         }
         if let schema = arguments.value("schema") {
+            guard PostgresSettings.isValidSchemaName(schema) else {
+                throw UsageError(
+                    "--schema must be a lowercase SQL identifier (letters, digits, _; at most 63), not \(schema)")
+            }
             settings.schema = schema
         }
         let logger = try commandLogger(arguments, fallback: level)

@@ -1,6 +1,7 @@
 import Foundation
 import JSON
 import Kafka
+import Postgres
 import Tally
 
 enum StatsCommand: Command {
@@ -27,10 +28,8 @@ enum StatsCommand: Command {
         let store: LedgerStore
         do {
             store = try LedgerStore(settings: configuration.postgres, logger: logger)
-        } catch let error as SchemaVersionError {
-            throw CommandFailure(error.description)
-        } catch {
-            throw CommandFailure("cannot connect to PostgreSQL: \(error)")
+        } catch let error as PostgresError where error.kind == .connectionFailed {
+            throw CommandFailure("cannot connect to PostgreSQL: \(error.message)")
         }
 
         var partitionCounts: [String: Int] = [:]

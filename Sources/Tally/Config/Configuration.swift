@@ -97,6 +97,12 @@ public struct PostgresSettings: Sendable {
         self.conninfo = conninfo
         self.schema = schema
     }
+
+    /// Checks that `name` is a lowercase SQL identifier that needs no quoting:
+    /// `[a-z_][a-z0-9_]*`, at most 63 bytes.
+    public static func isValidSchemaName(_ name: String) -> Bool {
+        isPlainIdentifier(name)
+    }
 }
 
 public struct IngestSettings: Sendable {

@@ -5,7 +5,7 @@ import Testing
 
 /// The worker end to end: messages produced to librdkafka's mock cluster, consumed as a
 /// consumer group, written to a real PostgreSQL.
-@Suite("Worker", .serialized)
+@Suite("Worker")
 struct WorkerTests {
     @Test func everyReasonCodeKeepsTheRawBytes() async throws {
         try await withTestSchema { schema in
@@ -283,6 +283,37 @@ struct WorkerTests {
             #expect(try schema.count("SELECT count(*) FROM {s}.ledger") == Int(marks.high - marks.low))
             #expect(try schema.scalar("SELECT min(kafka_offset) FROM {s}.ledger") == String(marks.low))
             try schema.expectInvariants()
+        }
+    }
+
+    @Test func passwordsNeverReachTheLogs() async throws {
+        try await withTestSchema { schema in
+            let sink = LogSink.capturing()
+            let logger = Logger(level: .debug, sink: sink)
+            let kafka = try TestKafka()
+            try kafka.produce([apiCall("a")])
+
+            // librdkafka logs its whole configuration with debug=conf; the worker must not let
+            // the password through.
+            var configuration = try testConfiguration(kafka: kafka, schema: schema)
+            configuration.kafka.properties += [
+                ("sasl.username", "tally"), ("sasl.password", "kafka-hunter2"), ("debug", "conf"), ("log_level", "7"),
+            ]
+            let worker = RunningWorker(configuration: configuration, clock: try clockNearT0(), logger: logger)
+            try await worker.waitUntilCaughtUp(with: kafka)
+            try worker.stop()
+            #expect(sink.capturedLines.contains { $0.contains("sasl.username") })
+
+            configuration.postgres.conninfo = "host=127.0.0.1 port=1 user=tally password=pg-hunter2"
+            let failing = Worker(configuration: configuration, logger: logger, stopSignal: StopSignal())
+            do {
+                try failing.run()
+                Issue.record("the worker started without a database")
+            } catch {
+                #expect(!String(describing: error).contains("hunter2"))
+                #expect(String(describing: error).contains("cannot connect to PostgreSQL"))
+            }
+            #expect(!sink.capturedLines.contains { $0.contains("hunter2") })
         }
     }
 
