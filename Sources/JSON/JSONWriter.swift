@@ -97,6 +97,36 @@ public final class JSONWriter {
         check(yajl_gen_null(generator), "null")
     }
 
+    /// Writes an object member with a string value.
+    public func field(_ name: String, _ value: String) {
+        key(name)
+        string(value)
+    }
+
+    /// Writes an object member with a string value, or `null`.
+    public func field(_ name: String, _ value: String?) {
+        key(name)
+        if let value { string(value) } else { null() }
+    }
+
+    /// Writes an object member with an integer value.
+    public func field(_ name: String, _ value: Int64) {
+        key(name)
+        number(value)
+    }
+
+    /// Writes an object member with an integer value, or `null`.
+    public func field(_ name: String, _ value: Int64?) {
+        key(name)
+        if let value { number(value) } else { null() }
+    }
+
+    /// Writes an object member whose value is a number literal, written unchanged.
+    public func field(_ name: String, number literal: String) {
+        key(name)
+        number(literal)
+    }
+
     /// Writes `value`. With `sortingKeys`, object members are written in ascending byte order
     /// of their keys at every level, which gives equal documents equal text.
     public func write(_ value: JSONValue, sortingKeys: Bool = false) {

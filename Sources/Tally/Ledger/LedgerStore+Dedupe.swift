@@ -95,10 +95,8 @@ extension LedgerStore {
         writer.beginArray()
         for key in keys {
             writer.beginObject()
-            writer.key("source")
-            writer.string(key.source.string)
-            writer.key("event_id")
-            writer.string(key.id.string)
+            writer.field("source", key.source.string)
+            writer.field("event_id", key.id.string)
             writer.endObject()
         }
         writer.endArray()
@@ -141,16 +139,11 @@ extension LedgerStore {
             let hash = payloadHash(key).hexString
             for period in periods {
                 writer.beginObject()
-                writer.key("period")
-                writer.number(period)
-                writer.key("source")
-                writer.string(key.source.string)
-                writer.key("event_id")
-                writer.string(key.id.string)
-                writer.key("sha")
-                writer.string(hash)
-                writer.key("ledger_id")
-                writer.number(ledgerIDs[key]!)
+                writer.field("period", period)
+                writer.field("source", key.source.string)
+                writer.field("event_id", key.id.string)
+                writer.field("sha", hash)
+                writer.field("ledger_id", ledgerIDs[key]!)
                 writer.endObject()
             }
         }
@@ -178,12 +171,9 @@ extension LedgerStore {
             writer.beginArray()
             for key in partial {
                 writer.beginObject()
-                writer.key("source")
-                writer.string(key.source.string)
-                writer.key("event_id")
-                writer.string(key.id.string)
-                writer.key("ledger_id")
-                writer.number(ledgerIDs[key]!)
+                writer.field("source", key.source.string)
+                writer.field("event_id", key.id.string)
+                writer.field("ledger_id", ledgerIDs[key]!)
                 writer.endObject()
             }
             writer.endArray()

@@ -17,18 +17,12 @@ extension LedgerStore {
             }
             count += 1
             writer.beginObject()
-            writer.key("id")
-            writer.number(ledgerID)
-            writer.key("source")
-            writer.string(event.key.source.string)
-            writer.key("event_id")
-            writer.string(event.key.id.string)
-            writer.key("type")
-            writer.string(event.type)
-            writer.key("subject")
-            writer.string(event.subject)
-            writer.key("event_time")
-            writer.string(event.time.rfc3339)
+            writer.field("id", ledgerID)
+            writer.field("source", event.key.source.string)
+            writer.field("event_id", event.key.id.string)
+            writer.field("type", event.type)
+            writer.field("subject", event.subject)
+            writer.field("event_time", event.time.rfc3339)
             writer.key("data")
             if let data = event.data { writer.write(data) } else { writer.null() }
             writer.key("attributes")
@@ -38,15 +32,13 @@ extension LedgerStore {
             for reading in event.readings {
                 writer.key(reading.meter)
                 writer.beginObject()
-                writer.key("quantity")
-                writer.number(reading.quantity.text)
+                writer.field("quantity", number: reading.quantity.text)
                 writer.key("groups")
                 writeGroups(reading.groups, to: writer)
                 writer.endObject()
             }
             writer.endObject()
-            writer.key("sha")
-            writer.string(event.payloadSHA256.hexString)
+            writer.field("sha", event.payloadSHA256.hexString)
             writeCoordinates(validated.message, to: writer)
             writer.endObject()
         }
@@ -84,20 +76,14 @@ extension LedgerStore {
             for reading in event.readings {
                 count += 1
                 writer.beginObject()
-                writer.key("meter")
-                writer.string(reading.meter)
-                writer.key("subject")
-                writer.string(event.subject)
+                writer.field("meter", reading.meter)
+                writer.field("subject", event.subject)
                 writer.key("groups")
                 writeGroups(reading.groups, to: writer)
-                writer.key("minute")
-                writer.string(minute)
-                writer.key("quantity")
-                writer.number(reading.quantity.text)
-                writer.key("event_time")
-                writer.string(time)
-                writer.key("ledger_id")
-                writer.number(ledgerID)
+                writer.field("minute", minute)
+                writer.field("quantity", number: reading.quantity.text)
+                writer.field("event_time", time)
+                writer.field("ledger_id", ledgerID)
                 writer.endObject()
             }
         }
@@ -144,12 +130,9 @@ extension LedgerStore {
             }
             count += 1
             writer.beginObject()
-            writer.key("source")
-            writer.string(event.key.source.string)
-            writer.key("event_id")
-            writer.string(event.key.id.string)
-            writer.key("original_ledger_id")
-            writer.number(originalID)
+            writer.field("source", event.key.source.string)
+            writer.field("event_id", event.key.id.string)
+            writer.field("original_ledger_id", originalID)
             writeCoordinates(validated.message, to: writer)
             writer.endObject()
         }
@@ -179,22 +162,15 @@ extension LedgerStore {
             let message = validated.message
             count += 1
             writer.beginObject()
-            writer.key("reason")
-            writer.string(rejection.reason.rawValue)
-            writer.key("detail")
-            writer.string(sanitizedDetail(rejection.detail))
-            writer.key("key_hex")
-            if let key = message.key { writer.string(key.hexString) } else { writer.null() }
-            writer.key("value_hex")
-            if let value = message.value { writer.string(value.hexString) } else { writer.null() }
+            writer.field("reason", rejection.reason.rawValue)
+            writer.field("detail", sanitizedDetail(rejection.detail))
+            writer.field("key_hex", message.key?.hexString)
+            writer.field("value_hex", message.value?.hexString)
             writer.key("headers")
             writeHeaders(message.headers, to: writer)
-            writer.key("event_source")
-            if let key = rejection.eventKey { writer.string(key.source.string) } else { writer.null() }
-            writer.key("event_id")
-            if let key = rejection.eventKey { writer.string(key.id.string) } else { writer.null() }
-            writer.key("original_ledger_id")
-            if let id = rejection.originalLedgerID { writer.number(id) } else { writer.null() }
+            writer.field("event_source", rejection.eventKey?.source.string)
+            writer.field("event_id", rejection.eventKey?.id.string)
+            writer.field("original_ledger_id", rejection.originalLedgerID)
             writeCoordinates(message, to: writer)
             writer.endObject()
         }
@@ -217,12 +193,9 @@ extension LedgerStore {
     }
 
     private func writeCoordinates(_ message: KafkaMessage, to writer: JSONWriter) {
-        writer.key("topic")
-        writer.string(message.topic)
-        writer.key("partition")
-        writer.number(Int64(message.partition))
-        writer.key("kafka_offset")
-        writer.number(message.offset)
+        writer.field("topic", message.topic)
+        writer.field("partition", Int64(message.partition))
+        writer.field("kafka_offset", message.offset)
         writer.key("kafka_timestamp")
         if let milliseconds = message.timestampMilliseconds, milliseconds >= 0 {
             writer.string(EventTime(microseconds: milliseconds * 1000).rfc3339)
@@ -247,19 +220,15 @@ extension LedgerStore {
         for header in headers {
             writer.beginObject()
             if let name = storableText(header.name) {
-                writer.key("name")
-                writer.string(name)
+                writer.field("name", name)
             } else {
-                writer.key("name_hex")
-                writer.string(header.name.hexString)
+                writer.field("name_hex", header.name.hexString)
             }
             if let value = header.value {
                 if let text = storableText(value) {
-                    writer.key("value")
-                    writer.string(text)
+                    writer.field("value", text)
                 } else {
-                    writer.key("value_hex")
-                    writer.string(value.hexString)
+                    writer.field("value_hex", value.hexString)
                 }
             } else {
                 writer.key("value")

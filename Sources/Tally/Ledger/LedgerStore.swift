@@ -92,14 +92,10 @@ public final class LedgerStore {
         writer.beginArray()
         for meter in meters {
             writer.beginObject()
-            writer.key("slug")
-            writer.string(meter.slug)
-            writer.key("event_type")
-            writer.string(meter.eventType)
-            writer.key("aggregation")
-            writer.string(meter.aggregation.rawValue)
-            writer.key("value_path")
-            if let path = meter.valuePath { writer.string(path.text) } else { writer.null() }
+            writer.field("slug", meter.slug)
+            writer.field("event_type", meter.eventType)
+            writer.field("aggregation", meter.aggregation.rawValue)
+            writer.field("value_path", meter.valuePath?.text)
             writer.key("group_by")
             writer.beginObject()
             for dimension in meter.groupBy {
@@ -144,10 +140,8 @@ func partitionListJSON(_ partitions: [PartitionID]) -> String {
     writer.beginArray()
     for partition in partitions {
         writer.beginObject()
-        writer.key("topic")
-        writer.string(partition.topic)
-        writer.key("partition")
-        writer.number(Int64(partition.partition))
+        writer.field("topic", partition.topic)
+        writer.field("partition", Int64(partition.partition))
         writer.endObject()
     }
     writer.endArray()
