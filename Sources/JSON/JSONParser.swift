@@ -80,8 +80,12 @@ public final class JSONParser {
             defer { yajl_free(handle) }
 
             var status = yajl_parse(handle, buffer.baseAddress, buffer.count)
+            // yajl counts the bytes consumed by its last call only, so a failure in
+            // yajl_complete_parse (input that ends too early) is placed at the end of the input.
+            var errorOffset = yajl_get_bytes_consumed(handle)
             if status == yajl_status_ok {
                 status = yajl_complete_parse(handle)
+                errorOffset = buffer.count
             }
             if status == yajl_status_ok, let root = builderPointer.pointee.root {
                 return root
@@ -89,9 +93,7 @@ public final class JSONParser {
             if let failure = builderPointer.pointee.failure {
                 throw failure
             }
-            throw .malformed(
-                message: yajlErrorMessage(handle, buffer),
-                offset: yajl_get_bytes_consumed(handle))
+            throw .malformed(message: yajlErrorMessage(handle, buffer), offset: errorOffset)
         }
 
         if let offset = firstUnpairedSurrogateEscape(buffer) {

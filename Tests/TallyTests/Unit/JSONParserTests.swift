@@ -86,6 +86,18 @@ struct JSONParserTests {
         }
     }
 
+    @Test func errorOffsetPointsIntoTheInput() {
+        #expect(throws: JSONParseError.malformed(message: "parse error: premature EOF", offset: 15)) {
+            try parse(#"{"a":1,"b":[1,2"#)
+        }
+        #expect(
+            throws: JSONParseError.malformed(
+                message: "parse error: unallowed token at this point in JSON text", offset: 6)
+        ) {
+            try parse(#"{"a":}"#)
+        }
+    }
+
     @Test func nulCharacterEscapeIsKeptForTheCallerToCheck() throws {
         let value = try parse(#"{"subject":"acme\u0000x"}"#)
         #expect(value.containsNULCharacter)
