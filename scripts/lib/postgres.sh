@@ -4,7 +4,6 @@
 # postgres refuse to run as root.
 
 TALLY_PG_DIR=""
-TALLY_PG_PID_USER=""
 
 # The bin directory of the newest installed PostgreSQL server.
 postgres_bin_dir() {
