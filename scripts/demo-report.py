@@ -12,8 +12,8 @@
 
 STATS_JSON is the output of `tally stats --json`. BY_MODEL_CSV has the lines `meter,model,total`
 from the view tally.usage_per_minute. ROLLUP_MISMATCHES is the row count of the view
-tally.rollup_mismatches. Meter totals are exact decimals, so they are read as decimal.Decimal
-and never pass through float.
+tally.rollup_mismatches. Meter totals are exact decimals, written as strings in STATS_JSON, so
+they are read as decimal.Decimal and never pass through float.
 """
 
 import argparse
@@ -115,7 +115,8 @@ def compare(arguments):
     table.section("Meters (expected: computed from the CSV files)")
     for slug in METERS:
         meter = meters.get(slug)
-        table.check(slug, meter["total"] if meter else None, expected_totals[slug])
+        total = meter["total"] if meter else None
+        table.check(slug, decimal.Decimal(total) if total is not None else None, expected_totals[slug])
         for model, expected in expected_by_model.items():
             table.check(f"{slug}, model {model}", model_totals.get((slug, model)), expected[slug])
     unexpected_groups = sorted(key for key in model_totals if key[1] not in CSV_FILES)

@@ -103,3 +103,18 @@ func cBufferString(_ buffer: [CChar]) -> String {
     let bytes = buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }
     return String(decoding: bytes, as: UTF8.self)
 }
+
+/// Checks one librdkafka property name and value without creating a client, and returns
+/// librdkafka's error text when it rejects them. Checks that involve several properties
+/// happen only when a client is created.
+public func kafkaPropertyProblem(name: String, value: String) -> String? {
+    guard let configuration = rd_kafka_conf_new() else {
+        fatalError("rd_kafka_conf_new failed: out of memory")
+    }
+    defer { rd_kafka_conf_destroy(configuration) }
+    var errorText = [CChar](repeating: 0, count: 512)
+    guard rd_kafka_conf_set(configuration, name, value, &errorText, errorText.count) == RD_KAFKA_CONF_OK else {
+        return cBufferString(errorText)
+    }
+    return nil
+}

@@ -12,7 +12,7 @@ struct OptionSpec {
     enum Kind {
         /// Present or absent, such as `--json`.
         case flag
-        /// Takes one value, such as `--config FILE`; given twice, the last wins.
+        /// Takes one value, such as `--config FILE`, and may be given once.
         case value
         /// Takes a value and may be repeated, such as `--topic usage:4 --topic other:2`.
         case repeated
@@ -54,6 +54,8 @@ struct ParsedArguments {
             case .flag:
                 guard inlineValue == nil else { throw UsageError("option --\(name) takes no value") }
                 parsed.flags.insert(name)
+            case .value where parsed.values[name] != nil:
+                throw UsageError("option --\(name) is given twice")
             case .value, .repeated:
                 let value: String
                 if let inlineValue {

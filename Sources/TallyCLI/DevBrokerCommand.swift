@@ -34,8 +34,16 @@ enum DevBrokerCommand: Command {
             } ?? 1
         var topics: [(String, Int32)] = []
         for specification in arguments.all("topic") {
-            let parts = specification.split(separator: ":", maxSplits: 1).map(String.init)
-            guard let name = parts.first, !name.isEmpty else { throw UsageError("--topic needs a name") }
+            let parts = specification.split(separator: ":", maxSplits: 1, omittingEmptySubsequences: false).map(
+                String.init)
+            let name = parts[0]
+            guard isValidKafkaTopicName(name) else {
+                throw UsageError(
+                    "--topic \(specification): the name must be 1 to 249 letters, digits, '.', '_' or '-'")
+            }
+            guard !topics.contains(where: { $0.0 == name }) else {
+                throw UsageError("--topic \(name) is given twice")
+            }
             var partitions: Int32 = 4
             if parts.count == 2 {
                 guard let count = Int32(parts[1]), (1...1000).contains(count) else {

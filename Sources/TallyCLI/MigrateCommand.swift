@@ -3,7 +3,7 @@ import Tally
 
 enum MigrateCommand: Command {
     static let help = """
-        Usage: tally migrate [--config FILE] [--schema NAME]
+        Usage: tally migrate [--config FILE] [--schema NAME] [--log-level LEVEL]
 
         Creates Tally's tables in the PostgreSQL schema, or upgrades them to this version.
         It is safe to run twice, and safe while other workers start: concurrent runs wait for
@@ -22,11 +22,8 @@ enum MigrateCommand: Command {
 
     static func run(_ arguments: ParsedArguments) throws -> Int32 {
         var settings = PostgresSettings()
-        var level = Logger.Level.info
-        if arguments.value("config") != nil {
-            let configuration = try requiredConfiguration(arguments)
-            settings = configuration.postgres
-            level = configuration.logLevel
+        if let path = arguments.value("config") {
+            settings = try Configuration.loadPostgresSettings(path: path)
         }
         if let schema = arguments.value("schema") {
             guard PostgresSettings.isValidSchemaName(schema) else {
@@ -35,7 +32,7 @@ enum MigrateCommand: Command {
             }
             settings.schema = schema
         }
-        let logger = try commandLogger(arguments, fallback: level)
+        let logger = try commandLogger(arguments, fallback: .info)
 
         let connection: PostgresConnection
         do {

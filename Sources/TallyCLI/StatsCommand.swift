@@ -6,7 +6,7 @@ import Tally
 
 enum StatsCommand: Command {
     static let help = """
-        Usage: tally stats --config FILE [--json] [--offline]
+        Usage: tally stats --config FILE [--json] [--offline] [--log-level LEVEL]
 
         Prints, per partition, the stored offset (the next offset Tally reads), the Kafka log
         start and end, the lag, and the counts of accepted events, unmetered events, duplicates
@@ -17,6 +17,13 @@ enum StatsCommand: Command {
           --config FILE  The YAML configuration of the worker.
           --json         Print one JSON document instead of tables.
           --offline      Do not ask Kafka for log starts and ends; show PostgreSQL's view only.
+          --log-level LEVEL  debug, info, warning or error (default: warning).
+
+        A meter's total is over all subjects and minutes: the sum for sum and count meters,
+        the lowest or highest value for min and max, and the value of the latest event for
+        latest. In --json output, totals are strings holding exact decimals, because JSON
+        readers that use binary floating point would round them. Accepted events include the
+        unmetered ones. Without --offline, the command waits up to 10 s for the brokers.
         """
 
     static let options = OptionSpec(options: ["config": .value, "json": .flag, "offline": .flag, "log-level": .value])
@@ -133,9 +140,8 @@ enum StatsCommand: Command {
             writer.beginObject()
             writer.field("slug", meter.slug)
             writer.field("aggregation", meter.aggregation)
-            writer.key("total")
-            // Exact decimal text, as a JSON number so tools read it without quoting rules.
-            if let total = meter.total { writer.number(total) } else { writer.null() }
+            // A string, because many JSON readers would round a long decimal number.
+            writer.field("total", meter.total)
             writer.field("events", meter.events)
             writer.field("subjects", meter.subjects)
             writer.endObject()

@@ -1,4 +1,5 @@
 import Foundation
+import Kafka
 import YAML
 
 extension Configuration {
@@ -6,16 +7,56 @@ extension Configuration {
     public static func load(path: String, environment: [String: String] = ProcessInfo.processInfo.environment)
         throws(ConfigurationError) -> Configuration
     {
-        guard let data = FileManager.default.contents(atPath: path) else {
-            throw ConfigurationError("cannot read the configuration file \(path)")
-        }
-        guard let text = String(data: data, encoding: .utf8) else {
-            throw ConfigurationError("the configuration file \(path) is not UTF-8 text")
-        }
+        let text = try readFile(path)
         do {
             return try parse(yaml: text, environment: environment)
         } catch {
             throw ConfigurationError("\(path): \(error.message)")
+        }
+    }
+
+    /// Reads only the `postgres` section of the file at `path`, for commands that need nothing
+    /// else. The rest of the file must be valid YAML but is not checked.
+    public static func loadPostgresSettings(
+        path: String, environment: [String: String] = ProcessInfo.processInfo.environment
+    ) throws(ConfigurationError) -> PostgresSettings {
+        let text = try readFile(path)
+        do throws(ConfigurationError) {
+            let root = try parseYAML(text)
+            guard case .mapping(let entries, _) = root else {
+                throw ConfigurationError("the top level must be a mapping, not a \(root.kindName)")
+            }
+            guard let node = entries.first(where: { $0.key.value == "postgres" })?.value else {
+                return PostgresSettings()
+            }
+            return try ConfigurationReader(environment: environment).readPostgres(node)
+        } catch {
+            throw ConfigurationError("\(path): \(error.message)")
+        }
+    }
+
+    private static func readFile(_ path: String) throws(ConfigurationError) -> String {
+        var isDirectory: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: path, isDirectory: &isDirectory) else {
+            throw ConfigurationError("the configuration file \(path) does not exist")
+        }
+        guard !isDirectory.boolValue else {
+            throw ConfigurationError("the configuration file \(path) is a directory")
+        }
+        guard let data = FileManager.default.contents(atPath: path) else {
+            throw ConfigurationError("cannot read the configuration file \(path): permission denied or I/O error")
+        }
+        guard let text = String(data: data, encoding: .utf8) else {
+            throw ConfigurationError("the configuration file \(path) is not UTF-8 text")
+        }
+        return text
+    }
+
+    private static func parseYAML(_ text: String) throws(ConfigurationError) -> YAMLNode {
+        do {
+            return try YAMLParser.parse(text)
+        } catch {
+            throw ConfigurationError("invalid YAML: \(error)")
         }
     }
 
@@ -24,12 +65,7 @@ extension Configuration {
     public static func parse(yaml text: String, environment: [String: String] = [:]) throws(ConfigurationError)
         -> Configuration
     {
-        let root: YAMLNode
-        do {
-            root = try YAMLParser.parse(text)
-        } catch {
-            throw ConfigurationError("invalid YAML: \(error)")
-        }
+        let root = try parseYAML(text)
         var reader = ConfigurationReader(environment: environment)
         return try reader.read(root)
     }
@@ -75,7 +111,7 @@ private struct ConfigurationReader {
         guard let topicsNode = kafka["topics"] else { throw located("missing key kafka.topics", node) }
         let topics = try stringList(topicsNode, "kafka.topics")
         guard !topics.isEmpty else { throw located("kafka.topics lists no topic", topicsNode) }
-        for topic in topics where !isValidTopicName(topic) {
+        for topic in topics where !isValidKafkaTopicName(topic) {
             throw located("kafka.topics: \(topic) is not a valid Kafka topic name", topicsNode)
         }
         guard Set(topics).count == topics.count else { throw located("kafka.topics lists a topic twice", topicsNode) }
@@ -96,7 +132,12 @@ private struct ConfigurationReader {
                     let advice = replacement.isEmpty ? "Tally sets it itself" : "set \(replacement) instead"
                     throw ConfigurationError("kafka.properties.\(name) at \(entry.key.mark) cannot be set: \(advice)")
                 }
-                properties.append((name, try string(entry.value, "kafka.properties.\(name)")))
+                let value = try string(entry.value, "kafka.properties.\(name)")
+                if let problem = kafkaPropertyProblem(name: name, value: value) {
+                    throw ConfigurationError(
+                        "kafka.properties.\(name) at \(entry.key.mark) is rejected by librdkafka: \(problem)")
+                }
+                properties.append((name, value))
             }
         }
         return KafkaSettings(brokers: brokers, topics: topics, groupID: groupID, properties: properties)
@@ -169,6 +210,11 @@ private struct ConfigurationReader {
     func readMeters(_ node: YAMLNode) throws(ConfigurationError) -> [Meter] {
         guard case .sequence(let items, _) = node else {
             throw located("meters must be a list of meters", node)
+        }
+        guard !items.isEmpty else {
+            throw located(
+                "meters lists no meter; a worker without meters would use up the idempotency keys of every event",
+                node)
         }
         var meters: [Meter] = []
         var slugs = Set<String>()
@@ -346,7 +392,7 @@ private struct ConfigurationReader {
 }
 
 /// Checks a Kafka topic name: 1 to 249 characters from letters, digits, `.`, `_` and `-`, not `.` or `..`.
-func isValidTopicName(_ name: String) -> Bool {
+public func isValidKafkaTopicName(_ name: String) -> Bool {
     guard !name.isEmpty, name.utf8.count <= 249, name != ".", name != ".." else { return false }
     return name.unicodeScalars.allSatisfy { scalar in
         ("a"..."z").contains(scalar) || ("A"..."Z").contains(scalar) || ("0"..."9").contains(scalar)

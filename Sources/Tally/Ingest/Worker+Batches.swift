@@ -150,6 +150,7 @@ extension Worker {
         store = nil
         do {
             let reconnected = try LedgerStore(settings: configuration.postgres, logger: logger)
+            reconnected.consumerGroup = configuration.kafka.groupID
             logger.info("connected to PostgreSQL", ["pg.target": reconnected.connection.target])
             store = reconnected
             return reconnected

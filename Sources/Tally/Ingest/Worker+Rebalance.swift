@@ -6,12 +6,16 @@ extension Worker {
     /// none is stored. Kafka's committed offsets are never read.
     public func partitionsAssigned(_ partitions: [KafkaTopicPartition]) -> [KafkaTopicPartition] {
         let ids = partitions.map { PartitionID(topic: $0.topic, partition: $0.partition) }
+        // The cooperative protocol calls this with an empty list when a rebalance leaves this
+        // member's assignment unchanged.
+        guard !ids.isEmpty else { return [] }
         var backoff = Backoff()
         var stored: [PartitionID: Int64]?
         while stored == nil {
             if let store = connectedStore() {
                 do {
                     stored = try store.storedOffsets(ids)
+                    warnAboutOtherGroups(try store.lastConsumerGroups(ids))
                     break
                 } catch {
                     logger.rateLimited(
@@ -65,6 +69,21 @@ extension Worker {
             logger.info("partitions revoked", ["kafka.partitions": describe(Array(ids))])
         }
         for partition in ids { positions[partition] = nil }
+    }
+
+    /// Stored offsets belong to the schema, not to a group, so two groups that write one schema
+    /// take each other's offsets; the compare-and-set keeps the ledger exact, but batches are lost
+    /// work. Logs each partition that another group wrote last.
+    private func warnAboutOtherGroups(_ lastGroups: [PartitionID: String]) {
+        for (partition, group) in lastGroups.sorted(by: { $0.key < $1.key })
+        where !group.utf8.elementsEqual(configuration.kafka.groupID.utf8) {
+            logger.warning(
+                "partition was last written by another consumer group; one schema must be written by one group",
+                [
+                    "kafka.topic": partition.topic, "kafka.partition": partition.partition,
+                    "kafka.group_id": configuration.kafka.groupID, "kafka.other_group_id": group,
+                ])
+        }
     }
 
     private func describe(_ partitions: [PartitionID]) -> String {

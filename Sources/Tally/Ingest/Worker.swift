@@ -103,7 +103,7 @@ public final class Worker: KafkaRebalanceHandler {
             performPeriodicWork()
         }
 
-        logger.info("stopping: finishing the batch in flight", ["batch.messages": pending.messages.count])
+        logger.info("stopping", ["batch.messages": pending.messages.count])
         flush()
         do {
             // Leaving the group runs the revocation callback, which has nothing left to flush.
@@ -123,6 +123,7 @@ public final class Worker: KafkaRebalanceHandler {
         } catch let error as PostgresError {
             throw WorkerError("cannot connect to PostgreSQL: \(error.message)")
         }
+        store.consumerGroup = configuration.kafka.groupID
         self.store = store
         let changed = try store.recordMeters(configuration.meters)
         for slug in changed {
@@ -303,12 +304,17 @@ struct MonotonicTime {
 
 /// Forwards a librdkafka log line. Runs on librdkafka's threads; the logger is thread-safe.
 private func logKafkaRecord(_ record: KafkaLogRecord, _ logger: Logger) {
-    let level: Logger.Level
+    var level: Logger.Level
     switch record.level {
     case ...3: level = .error
     case 4: level = .warning
     case 5, 6: level = .info
     default: level = .debug
+    }
+    // A failed commit of the offset copy in Kafka, typically during a rebalance, changes
+    // nothing: the worker starts from the offsets stored in PostgreSQL.
+    if record.facility == "COMMITFAIL" {
+        level = .debug
     }
     logger.log(
         level, "librdkafka",

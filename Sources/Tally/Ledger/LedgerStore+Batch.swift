@@ -215,13 +215,14 @@ extension LedgerStore {
                 unmetered = o.unmetered + u.unmetered,
                 duplicates = o.duplicates + u.duplicates,
                 dead_letters = o.dead_letters + u.dead_letters,
+                consumer_group = coalesce($2, o.consumer_group),
                 updated_at = now()
             FROM json_to_recordset($1::json) AS u(
                 topic text, partition integer, expected bigint, next_offset bigint,
                 accepted bigint, unmetered bigint, duplicates bigint, dead_letters bigint)
             WHERE o.topic = u.topic COLLATE "C" AND o.partition = u.partition AND o.next_offset = u.expected
             """,
-            [.text(writer.text)])
+            [.text(writer.text), consumerGroup.map(PostgresParameter.text)])
         // The rows are locked since the start of the transaction, so this holds unless a bug broke it.
         guard updated.affectedRows == spans.count else {
             preconditionFailure(

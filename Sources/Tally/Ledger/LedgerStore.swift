@@ -32,6 +32,8 @@ public final class LedgerStore {
     let dedupePeriodSeconds: Int64
     /// The `dedupe_keys` partitions this connection has seen or created.
     var knownDedupePartitions = Set<Int64>()
+    /// The Kafka consumer group recorded with each stored offset this store advances.
+    public var consumerGroup: String?
 
     /// Connects and checks that the schema is at the version this build expects.
     public convenience init(settings: PostgresSettings, logger: Logger) throws {
@@ -81,6 +83,28 @@ public final class LedgerStore {
             offsets[partition] = result.int(row: row, column: 2)!
         }
         return offsets
+    }
+
+    /// Reads the consumer group that last advanced each partition's stored offset, where one is
+    /// recorded.
+    public func lastConsumerGroups(_ partitions: [PartitionID]) throws(PostgresError) -> [PartitionID: String] {
+        guard !partitions.isEmpty else { return [:] }
+        let result = try connection.execute(
+            """
+            SELECT o.topic, o.partition, o.consumer_group
+            FROM \(schema).partition_offsets o
+            JOIN json_to_recordset($1::json) AS p(topic text, partition integer)
+              ON o.topic = p.topic COLLATE "C" AND o.partition = p.partition
+            WHERE o.consumer_group IS NOT NULL
+            """,
+            [.text(partitionListJSON(partitions))])
+        var groups: [PartitionID: String] = [:]
+        for row in 0..<result.rowCount {
+            let partition = PartitionID(
+                topic: result.string(row: row, column: 0)!, partition: Int32(result.int(row: row, column: 1)!))
+            groups[partition] = result.string(row: row, column: 2)!
+        }
+        return groups
     }
 
     /// Records the meters of the configuration for SQL readers, and returns the slugs whose

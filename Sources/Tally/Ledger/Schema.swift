@@ -41,6 +41,9 @@ enum Schema {
             unmetered bigint NOT NULL DEFAULT 0,
             duplicates bigint NOT NULL DEFAULT 0,
             dead_letters bigint NOT NULL DEFAULT 0,
+            -- The Kafka consumer group of the worker that committed last, to detect two groups
+            -- writing one schema.
+            consumer_group text,
             updated_at timestamptz NOT NULL DEFAULT now(),
             PRIMARY KEY (topic, partition),
             CHECK (next_offset >= first_offset)

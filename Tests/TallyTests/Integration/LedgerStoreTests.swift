@@ -250,7 +250,7 @@ struct LedgerStoreTests {
             // Lookups 60 days later start at the period of (then - window - skew - one hour of margin);
             // the period before it may stay, nothing older.
             let lookupStart = (now.microseconds / 1_000_000 + 60 * 86_400 - 35 * 86_400 - 300 - 3600) / 604_800
-            #expect((lookupStart - 1 ... lookupStart).contains(Int64(oldest ?? "") ?? -1))
+            #expect((lookupStart - 1...lookupStart).contains(Int64(oldest ?? "") ?? -1))
         }
     }
 

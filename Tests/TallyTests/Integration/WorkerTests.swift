@@ -317,6 +317,26 @@ struct WorkerTests {
         }
     }
 
+    @Test func secondGroupOnOneSchemaIsReported() async throws {
+        try await withTestSchema { schema in
+            let kafka = try TestKafka()
+            try kafka.produce([apiCall("a")])
+            try await ingestAll(kafka: kafka, schema: schema, clock: try clockNearT0())
+            #expect(try schema.scalar("SELECT consumer_group FROM {s}.partition_offsets") == "tally-test")
+
+            let sink = LogSink.capturing()
+            var configuration = try testConfiguration(kafka: kafka, schema: schema)
+            configuration.kafka.groupID = "other-group"
+            let worker = RunningWorker(
+                configuration: configuration, clock: try clockNearT0(), logger: Logger(level: .warning, sink: sink))
+            try await worker.waitUntilCaughtUp(with: kafka)
+            try worker.stop()
+            let warning = sink.capturedLines.first { $0.contains("last written by another consumer group") }
+            #expect(warning?.contains("kafka.other_group_id=tally-test") == true)
+            #expect(try schema.count("SELECT count(*) FROM {s}.ledger") == 1)
+        }
+    }
+
     @Test func statsReportCountsPerPartitionAndMeter() async throws {
         try await withTestSchema { schema in
             let kafka = try TestKafka(partitions: 2)

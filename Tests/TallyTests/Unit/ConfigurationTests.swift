@@ -104,6 +104,39 @@ struct ConfigurationTests {
             ).contains("takes no value"))
     }
 
+    @Test func emptyMeterListIsRejected() {
+        let text = Self.minimal[..<Self.minimal.range(of: "meters:")!.upperBound] + " []"
+        #expect(message(String(text)).contains("meters lists no meter"))
+    }
+
+    @Test func librdkafkaPropertiesAreCheckedWithTheirLine() {
+        let unknown = Self.minimal.replacingOccurrences(
+            of: "group_id: tally", with: "group_id: tally\n  properties:\n    no.such.property: x")
+        #expect(message(unknown).contains("kafka.properties.no.such.property at line 6"))
+        let invalid = Self.minimal.replacingOccurrences(
+            of: "group_id: tally", with: "group_id: tally\n  properties:\n    session.timeout.ms: soon")
+        #expect(message(invalid).contains("rejected by librdkafka"))
+    }
+
+    @Test func postgresSectionIsReadAlone() throws {
+        let path = FileManager.default.temporaryDirectory.appendingPathComponent("tally-\(UUID().uuidString).yaml").path
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let text =
+            "kafka:\n  properties:\n    sasl.password: ${UNSET_SECRET}\npostgres:\n  schema: billing\nmeters: []\n"
+        try text.write(toFile: path, atomically: true, encoding: .utf8)
+        #expect(try Configuration.loadPostgresSettings(path: path, environment: [:]).schema == "billing")
+        #expect(throws: ConfigurationError.self) { try Configuration.load(path: path, environment: [:]) }
+    }
+
+    @Test func missingFileAndDirectoryAreNamed() {
+        #expect(throws: ConfigurationError.self) { try Configuration.load(path: "/nonexistent/tally.yaml") }
+        do {
+            _ = try Configuration.load(path: "/tmp")
+        } catch {
+            #expect(error.message.contains("is a directory"))
+        }
+    }
+
     @Test func environmentVariablesAreExpanded() throws {
         let text = Self.minimal + "\npostgres:\n  conninfo: host=db password=${PGPASS_TEST}"
         #expect(try parse(text, environment: ["PGPASS_TEST": "s3cret"]).postgres.conninfo == "host=db password=s3cret")
