@@ -13,11 +13,11 @@ func fetchPartitionCounts(_ handle: OpaquePointer, topics: [String], timeoutMill
     defer { rd_kafka_metadata_destroy(metadata) }
 
     var counts: [String: Int] = [:]
-    let wanted = Set(topics)
+    let requested = Set(topics)
     for index in 0..<Int(metadata.pointee.topic_cnt) {
         let topic = metadata.pointee.topics[index]
         let name = String(cString: topic.topic)
-        guard wanted.contains(name), topic.err == RD_KAFKA_RESP_ERR_NO_ERROR else { continue }
+        guard requested.contains(name), topic.err == RD_KAFKA_RESP_ERR_NO_ERROR else { continue }
         counts[name] = Int(topic.partition_cnt)
     }
     return counts

@@ -24,8 +24,9 @@ extension Worker {
     ///   time, and then stored as a dead letter `storage_rejected`.
     /// A stop request ends the retries; the batch is then left for the next run to read again.
     ///
-    /// NOTE: the retries do not poll Kafka, so an outage longer than `max.poll.interval.ms`
-    /// makes the group move this worker's partitions; the compare-and-set keeps the result exact.
+    /// NOTE: the retries do not poll Kafka. An outage longer than `max.poll.interval.ms` therefore
+    /// makes the group move this worker's partitions, and only the compare-and-set keeps the
+    /// result exact; pausing the partitions and polling on would keep the membership.
     private func write(_ batch: [ValidatedMessage], now: EventTime) {
         var retry = RetryState(batch: batch.filter { positions[$0.partitionID] != nil })
 

@@ -14,8 +14,9 @@ extension Worker {
         while stored == nil {
             if let store = connectedStore() {
                 do {
-                    stored = try store.storedOffsets(ids)
-                    warnAboutOtherGroups(try store.lastConsumerGroups(ids))
+                    let partitions = try store.storedPartitions(ids)
+                    warnAboutOtherGroups(partitions.compactMapValues(\.consumerGroup))
+                    stored = partitions.mapValues(\.nextOffset)
                     break
                 } catch {
                     logger.rateLimited(
@@ -71,9 +72,9 @@ extension Worker {
         for partition in ids { positions[partition] = nil }
     }
 
-    /// Stored offsets belong to the schema, not to a group, so two groups that write one schema
-    /// take each other's offsets; the compare-and-set keeps the ledger exact, but batches are lost
-    /// work. Logs each partition that another group wrote last.
+    /// Logs each partition whose stored offset another consumer group advanced last. Stored
+    /// offsets belong to the schema, not to a group, so two groups that write one schema take
+    /// each other's offsets. The compare-and-set keeps the ledger exact, but work is lost.
     private func warnAboutOtherGroups(_ lastGroups: [PartitionID: String]) {
         for (partition, group) in lastGroups.sorted(by: { $0.key < $1.key })
         where !group.utf8.elementsEqual(configuration.kafka.groupID.utf8) {

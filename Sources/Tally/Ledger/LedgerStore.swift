@@ -67,44 +67,29 @@ public final class LedgerStore {
 
     /// Reads the stored offsets (the next offset to read) of the partitions that have one.
     public func storedOffsets(_ partitions: [PartitionID]) throws(PostgresError) -> [PartitionID: Int64] {
-        guard !partitions.isEmpty else { return [:] }
-        let result = try connection.execute(
-            """
-            SELECT o.topic, o.partition, o.next_offset
-            FROM \(schema).partition_offsets o
-            JOIN json_to_recordset($1::json) AS p(topic text, partition integer)
-              ON o.topic = p.topic COLLATE "C" AND o.partition = p.partition
-            """,
-            [.text(partitionListJSON(partitions))])
-        var offsets: [PartitionID: Int64] = [:]
-        for row in 0..<result.rowCount {
-            let partition = PartitionID(
-                topic: result.string(row: row, column: 0)!, partition: Int32(result.int(row: row, column: 1)!))
-            offsets[partition] = result.int(row: row, column: 2)!
-        }
-        return offsets
+        try storedPartitions(partitions).mapValues(\.nextOffset)
     }
 
-    /// Reads the consumer group that last advanced each partition's stored offset, where one is
-    /// recorded.
-    public func lastConsumerGroups(_ partitions: [PartitionID]) throws(PostgresError) -> [PartitionID: String] {
+    /// Reads the stored offset of each partition that has one, with the consumer group that
+    /// advanced it last.
+    public func storedPartitions(_ partitions: [PartitionID]) throws(PostgresError) -> [PartitionID: StoredPartition] {
         guard !partitions.isEmpty else { return [:] }
         let result = try connection.execute(
             """
-            SELECT o.topic, o.partition, o.consumer_group
+            SELECT o.topic, o.partition, o.next_offset, o.consumer_group
             FROM \(schema).partition_offsets o
             JOIN json_to_recordset($1::json) AS p(topic text, partition integer)
               ON o.topic = p.topic COLLATE "C" AND o.partition = p.partition
-            WHERE o.consumer_group IS NOT NULL
             """,
             [.text(partitionListJSON(partitions))])
-        var groups: [PartitionID: String] = [:]
+        var stored: [PartitionID: StoredPartition] = [:]
         for row in 0..<result.rowCount {
             let partition = PartitionID(
                 topic: result.string(row: row, column: 0)!, partition: Int32(result.int(row: row, column: 1)!))
-            groups[partition] = result.string(row: row, column: 2)!
+            stored[partition] = StoredPartition(
+                nextOffset: result.int(row: row, column: 2)!, consumerGroup: result.string(row: row, column: 3))
         }
-        return groups
+        return stored
     }
 
     /// Records the meters of the configuration for SQL readers, and returns the slugs whose
@@ -156,6 +141,14 @@ public final class LedgerStore {
             [.text(writer.text)])
         return result.rows.compactMap { $0[0] }
     }
+}
+
+/// A partition's row in `partition_offsets`.
+public struct StoredPartition: Sendable, Equatable {
+    /// The stored offset: the next offset to read.
+    public var nextOffset: Int64
+    /// The consumer group of the worker that advanced the offset last, when recorded.
+    public var consumerGroup: String?
 }
 
 /// `[{"topic": …, "partition": …}, …]` for `json_to_recordset`.

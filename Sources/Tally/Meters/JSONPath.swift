@@ -97,7 +97,7 @@ public struct JSONPath: Hashable, Sendable, CustomStringConvertible {
         self.steps = steps
     }
 
-    /// The value at this path in `event`, or nil when a step is missing.
+    /// Returns the value at this path in `event`, or nil when a step is missing.
     public func evaluate(in event: JSONValue) -> JSONValue? {
         var current = event
         for step in steps {

@@ -247,8 +247,8 @@ struct LedgerStoreTests {
             let oldest = try schema.scalar(
                 "SELECT min(substring(c.relname from 'p([0-9]+)$')::int) FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = '{s}.dedupe_keys'::regclass"
             )
-            // Lookups 60 days later start at the period of (then - window - skew - one hour of margin);
-            // the period before it may stay, nothing older.
+            // Lookups 60 days later start at the period of (then - window - skew - one hour of margin).
+            // The period before it may stay, but nothing older.
             let lookupStart = (now.microseconds / 1_000_000 + 60 * 86_400 - 35 * 86_400 - 300 - 3600) / 604_800
             #expect((lookupStart - 1...lookupStart).contains(Int64(oldest ?? "") ?? -1))
         }
