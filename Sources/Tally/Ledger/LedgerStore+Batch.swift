@@ -51,6 +51,7 @@ extension LedgerStore {
             try insertGaps(gaps)
             try advanceStoredOffsets(spans)
             try connection.execute("COMMIT")
+            logGaps(gaps)
 
             var summary = BatchSummary()
             summary.outcomes = outcomes
@@ -273,6 +274,9 @@ extension LedgerStore {
             FROM json_to_recordset($1::json) AS g(topic text, partition integer, from_offset bigint, to_offset bigint, reason text)
             """,
             [.text(writer.text)])
+    }
+
+    private func logGaps(_ gaps: [OffsetGap]) {
         for gap in gaps {
             logger.warning(
                 "offsets without a message",
