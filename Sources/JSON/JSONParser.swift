@@ -202,9 +202,20 @@ private struct TreeBuilder {
     /// Objects with more members than this check for duplicate keys with a set instead of a scan.
     static let linearKeyScanLimit = 16
 
-    enum Frame {
-        case array([JSONValue])
-        case object(members: [JSONMember], pendingKey: String?, keys: Set<[UInt8]>?)
+    /// An array or object still open. A class, so that appending to the innermost one mutates
+    /// it in place: an enum payload taken out of the stack would be copied on every append,
+    /// which makes large documents quadratic.
+    final class Frame {
+        let isObject: Bool
+        var elements: [JSONValue] = []
+        var members: [JSONMember] = []
+        var pendingKey: String?
+        /// The keys seen so far, once the object has more than `linearKeyScanLimit` of them.
+        var keys: Set<[UInt8]>?
+
+        init(isObject: Bool) {
+            self.isObject = isObject
+        }
     }
 
     var stack: [Frame] = []
@@ -221,49 +232,46 @@ private struct TreeBuilder {
 
     /// Adds a finished value to the innermost container, or makes it the root.
     mutating func add(_ value: JSONValue) -> Bool {
-        guard let top = stack.popLast() else {
+        guard let top = stack.last else {
             root = value
             return true
         }
-        switch top {
-        case .array(var elements):
-            elements.append(value)
-            stack.append(.array(elements))
-        case .object(var members, let pendingKey, let keys):
-            guard let key = pendingKey else {
+        if top.isObject {
+            guard let key = top.pendingKey else {
                 preconditionFailure("yajl passed an object value without a key")
             }
-            members.append(JSONMember(key: key, value: value))
-            stack.append(.object(members: members, pendingKey: nil, keys: keys))
+            top.members.append(JSONMember(key: key, value: value))
+            top.pendingKey = nil
+        } else {
+            top.elements.append(value)
         }
         return true
     }
 
-    mutating func open(_ frame: Frame) -> Bool {
+    mutating func open(isObject: Bool) -> Bool {
         guard stack.count < maxDepth else {
             failure = .nestingTooDeep(limit: maxDepth)
             return false
         }
-        stack.append(frame)
+        stack.append(Frame(isObject: isObject))
         return true
     }
 
     mutating func setKey(_ key: String) -> Bool {
-        guard case .object(let members, _, var keys) = stack.removeLast() else {
+        guard let top = stack.last, top.isObject else {
             preconditionFailure("yajl passed an object key outside an object")
         }
         let keyBytes = Array(key.utf8)
         let isDuplicate: Bool
-        if var knownKeys = keys {
-            isDuplicate = !knownKeys.insert(keyBytes).inserted
-            keys = knownKeys
+        if top.keys != nil {
+            isDuplicate = !top.keys!.insert(keyBytes).inserted
         } else {
-            isDuplicate = members.contains { $0.key.utf8.elementsEqual(keyBytes) }
-            if members.count >= Self.linearKeyScanLimit {
-                keys = Set(members.map { Array($0.key.utf8) } + [keyBytes])
+            isDuplicate = top.members.contains { $0.key.utf8.elementsEqual(keyBytes) }
+            if top.members.count >= Self.linearKeyScanLimit {
+                top.keys = Set(top.members.map { Array($0.key.utf8) } + [keyBytes])
             }
         }
-        stack.append(.object(members: members, pendingKey: key, keys: keys))
+        top.pendingKey = key
         if isDuplicate {
             failure = .duplicateKey(key: key, path: currentPath())
             return false
@@ -272,23 +280,18 @@ private struct TreeBuilder {
     }
 
     mutating func close() -> Bool {
-        switch stack.removeLast() {
-        case .array(let elements):
-            return add(.array(elements))
-        case .object(let members, _, _):
-            return add(.object(members))
-        }
+        let frame = stack.removeLast()
+        return add(frame.isObject ? .object(frame.members) : .array(frame.elements))
     }
 
     /// Describes the location of the innermost container, such as `$.data.items[2]`.
     func currentPath() -> String {
         var path = "$"
-        for (index, frame) in stack.enumerated() where index < stack.count - 1 {
-            switch frame {
-            case .array(let elements):
-                path += "[\(elements.count)]"
-            case .object(_, let pendingKey, _):
-                path += "." + (pendingKey ?? "")
+        for frame in stack.dropLast() {
+            if frame.isObject {
+                path += "." + (frame.pendingKey ?? "")
+            } else {
+                path += "[\(frame.elements.count)]"
             }
         }
         return path
@@ -326,7 +329,7 @@ private func onString(_ context: UnsafeMutableRawPointer?, _ pointer: UnsafePoin
 }
 
 private func onStartMap(_ context: UnsafeMutableRawPointer?) -> Int32 {
-    builder(context).pointee.open(.object(members: [], pendingKey: nil, keys: nil)) ? 1 : 0
+    builder(context).pointee.open(isObject: true) ? 1 : 0
 }
 
 private func onMapKey(_ context: UnsafeMutableRawPointer?, _ pointer: UnsafePointer<UInt8>?, _ length: Int) -> Int32 {
@@ -338,7 +341,7 @@ private func onEndMap(_ context: UnsafeMutableRawPointer?) -> Int32 {
 }
 
 private func onStartArray(_ context: UnsafeMutableRawPointer?) -> Int32 {
-    builder(context).pointee.open(.array([])) ? 1 : 0
+    builder(context).pointee.open(isObject: false) ? 1 : 0
 }
 
 private func onEndArray(_ context: UnsafeMutableRawPointer?) -> Int32 {

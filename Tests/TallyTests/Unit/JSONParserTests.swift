@@ -110,6 +110,24 @@ struct JSONParserTests {
         #expect(throws: Never.self) { try parse(fits) }
     }
 
+    @Test func largeArraysAndObjectsAreParsed() throws {
+        // 1 MiB of small elements: a parser that copied its containers on each append would
+        // take minutes here instead of milliseconds.
+        let array = "[" + Array(repeating: "1", count: 500_000).joined(separator: ",") + "]"
+        guard case .array(let elements) = try parse(array) else {
+            Issue.record("expected an array")
+            return
+        }
+        #expect(elements.count == 500_000)
+
+        let object = "{" + (0..<50_000).map { #""k\#($0)":\#($0)"# }.joined(separator: ",") + "}"
+        guard case .object(let members) = try parse(object) else {
+            Issue.record("expected an object")
+            return
+        }
+        #expect(members.count == 50_000)
+    }
+
     @Test func writerSortsKeysByBytes() throws {
         let value = try parse(#"{"b":1,"a":{"z":true,"B":null},"A":"x\n"}"#)
         let text = String(decoding: value.serialized(sortingKeys: true), as: UTF8.self)
