@@ -37,9 +37,10 @@ public final class PostgresConnection {
                 operation: "connect")
         }
         // Later keywords override earlier ones, and `dbname` is expanded as a whole connection
-        // string, so the caller's settings win over these defaults.
-        var keywords = ["fallback_application_name", "dbname"]
-        var values = [applicationName, conninfo]
+        // string, so the caller's settings win over the defaults before it. Text parameters
+        // and results are UTF-8 in Swift, so the client encoding after it is not negotiable.
+        var keywords = ["fallback_application_name", "dbname", "client_encoding"]
+        var values = [applicationName, conninfo, "UTF8"]
         if getenvString("PGCONNECT_TIMEOUT") == nil {
             keywords.insert("connect_timeout", at: 0)
             values.insert(String(connectTimeoutSeconds), at: 0)
@@ -89,6 +90,11 @@ public final class PostgresConnection {
         guard let handle else { return false }
         let status = PQtransactionStatus(handle)
         return status == PQTRANS_INTRANS || status == PQTRANS_INERROR
+    }
+
+    /// Reads the server's encoding, such as `UTF8`.
+    public func serverEncoding() throws(PostgresError) -> String {
+        try execute("SHOW server_encoding").string(row: 0, column: 0) ?? ""
     }
 
     /// The server's major version, such as 15, or nil when closed.

@@ -170,12 +170,15 @@ private struct ConfigurationReader {
         var settings = IngestSettings()
         if let value = ingest["dedupe_window"] {
             settings.dedupeWindowMicroseconds = try duration(value, "ingest.dedupe_window")
-            guard settings.dedupeWindowMicroseconds >= 60 * 1_000_000 else {
-                throw located("ingest.dedupe_window must be at least 1m", value)
+            guard (60 * 1_000_000...730 * 86_400_000_000).contains(settings.dedupeWindowMicroseconds) else {
+                throw located("ingest.dedupe_window must be from 1m to 730d", value)
             }
         }
         if let value = ingest["max_future_skew"] {
             settings.maxFutureSkewMicroseconds = try duration(value, "ingest.max_future_skew")
+            guard settings.maxFutureSkewMicroseconds <= 86_400_000_000 else {
+                throw located("ingest.max_future_skew must be at most 1d", value)
+            }
         }
         if let value = ingest["max_payload_bytes"] {
             settings.maxPayloadBytes = try byteSize(value, "ingest.max_payload_bytes")
@@ -196,8 +199,8 @@ private struct ConfigurationReader {
             }
             if let value = batch["max_bytes"] {
                 settings.batchMaxBytes = try byteSize(value, "ingest.batch.max_bytes")
-                guard settings.batchMaxBytes > 0 else {
-                    throw located("ingest.batch.max_bytes must be positive", value)
+                guard (1...(256 << 20)).contains(settings.batchMaxBytes) else {
+                    throw located("ingest.batch.max_bytes must be from 1 byte to 256MiB", value)
                 }
             }
             if let value = batch["max_wait"] {

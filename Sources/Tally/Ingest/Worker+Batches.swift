@@ -3,9 +3,10 @@ import Kafka
 import Postgres
 
 extension Worker {
-    /// Validates and writes the pending batch. On return the batch is committed, was found
-    /// committed already, or was dropped because another consumer owns its offsets now (the
-    /// partitions are then moved back to their stored offsets).
+    /// Validates and writes the pending batch. On return the batch is committed or was found
+    /// committed already. Otherwise another consumer owns its offsets now, and the partitions
+    /// were moved back to their stored offsets, or a stop was requested while PostgreSQL could
+    /// not be reached.
     func flush() {
         guard !pending.isEmpty else { return }
         let messages = pending.messages
@@ -13,7 +14,7 @@ extension Worker {
 
         let now = clock.now()
         let batch = messages.map { ValidatedMessage(message: $0, outcome: validator.validate($0.value, now: now)) }
-        write(batch, now: now)
+        write(batch, validatedAt: now)
     }
 
     /// Writes `batch`, retrying transient failures:
@@ -21,50 +22,100 @@ extension Worker {
     /// - a lost connection is re-opened with backoff, and a commit whose outcome was lost is
     ///   recognized by the stored offsets having moved to exactly the batch's end;
     /// - an event that PostgreSQL rejects is isolated by writing the batch one message at a
-    ///   time, and then stored as a dead letter `storage_rejected`.
+    ///   time, and then stored as a dead letter `storage_rejected`;
+    /// - a batch that keeps failing for another reason is also written one message at a time.
     /// A stop request ends the retries; the batch is then left for the next run to read again.
+    /// Errors that only a person can fix, such as a missing permission, stop the worker.
     ///
     /// NOTE: the retries do not poll Kafka. An outage longer than `max.poll.interval.ms` therefore
     /// makes the group move this worker's partitions, and only the compare-and-set keeps the
-    /// result exact; pausing the partitions and polling on would keep the membership.
-    private func write(_ batch: [ValidatedMessage], now: EventTime) {
-        var retry = RetryState(batch: batch.filter { positions[$0.partitionID] != nil })
+    /// result exact. Pausing the partitions and polling on would keep the membership.
+    @discardableResult
+    private func write(_ batch: [ValidatedMessage], validatedAt: EventTime) -> WriteResult {
+        var retry = RetryState(batch: batch.filter(isUnwritten), validatedAt: validatedAt)
 
         while !retry.batch.isEmpty {
+            if fatalFailure != nil { return .stopped }
             guard let store = connectedStore() else {
-                if !waitBeforeRetry(&retry) { return }
+                if !waitBeforeRetry(&retry) { return .stopped }
                 continue
             }
+            revalidateIfStale(&retry)
             let partitions = Set(retry.batch.map(\.partitionID))
             let expected = Dictionary(uniqueKeysWithValues: partitions.map { ($0, positions[$0]!.storedOffset) })
             do {
-                let summary = try store.writeBatch(retry.batch, expectedOffsets: expected, now: now, limits: limits)
+                let summary = try store.writeBatch(
+                    retry.batch, expectedOffsets: expected, now: retry.validatedAt, limits: limits)
                 recordCommit(summary)
-                return
+                return .committed
             } catch {
                 switch error {
                 case .staleOffsets(let stored):
-                    resolveStaleOffsets(stored, retry: retry)
-                    return
+                    return resolveStaleOffsets(stored, retry: retry)
                 case .database(let error):
                     switch nextStep(after: error, store: store, retry: &retry) {
                     case .retry:
                         continue
                     case .stop:
-                        return
+                        return .stopped
                     case .writeOneByOne:
-                        for single in retry.batch { write([single], now: now) }
-                        return
+                        return writeOneByOne(retry.batch, validatedAt: retry.validatedAt)
                     }
                 }
             }
         }
+        return .committed
+    }
+
+    /// Writes each message in its own transaction. Once a message of a partition is not
+    /// committed, the partition's later messages are left out: they are read again from the
+    /// stored offset, so that no offset is passed over unwritten.
+    private func writeOneByOne(_ batch: [ValidatedMessage], validatedAt: EventTime) -> WriteResult {
+        var leftOut = Set<PartitionID>()
+        for single in batch where !leftOut.contains(single.partitionID) {
+            switch write([single], validatedAt: validatedAt) {
+            case .committed:
+                continue
+            case .stale:
+                leftOut.insert(single.partitionID)
+            case .stopped:
+                return .stopped
+            }
+        }
+        return leftOut.isEmpty ? .committed : .stale
+    }
+
+    /// Checks that a message still belongs to this worker and lies at or after its partition's
+    /// stored offset. Messages below it were written already, by this worker or another.
+    private func isUnwritten(_ validated: ValidatedMessage) -> Bool {
+        guard let position = positions[validated.partitionID] else { return false }
+        guard let stored = position.storedOffset else { return true }
+        return validated.message.offset >= stored
+    }
+
+    /// Validates the batch again when its retries have outlasted the dedupe claim margin, so
+    /// that the window checks and the key claims use a current clock.
+    private func revalidateIfStale(_ retry: inout RetryState) {
+        let now = clock.now()
+        let margin = DedupePeriods.claimMarginSeconds * EventTime.microsecondsPerSecond / 2
+        guard now.microseconds - retry.validatedAt.microseconds > margin else { return }
+        retry.batch = retry.batch.map { validated in
+            // A dead letter made after PostgreSQL rejected the event keeps that reason.
+            if case .rejected(let rejection) = validated.outcome, rejection.reason == .storageRejected {
+                return validated
+            }
+            return ValidatedMessage(
+                message: validated.message, outcome: validator.validate(validated.message.value, now: now))
+        }
+        retry.validatedAt = now
     }
 
     /// Decides how to go on after PostgreSQL failed to commit the batch.
     private func nextStep(after error: PostgresError, store: LedgerStore, retry: inout RetryState) -> RetryStep {
         let batch = retry.batch
-        if error.isConnectionProblem {
+        if error.isConnectionProblem || error.sqlState == "25006" {
+            // 25006: a read-only transaction, as on a standby after a failover. A new
+            // connection may reach the new primary.
             retry.connectionWasLost = true
             logger.rateLimited(
                 .error, "lost the PostgreSQL connection; retrying the batch", intervalSeconds: 10,
@@ -83,6 +134,13 @@ extension Worker {
             }
             return .retry
         }
+        if needsOperator(error) {
+            logger.error(
+                "PostgreSQL rejected the batch for a reason only an operator can fix; stopping", ["error": error])
+            fatalFailure = WorkerError(
+                "PostgreSQL rejected a batch: \(error); fix the database or its permissions and restart")
+            return .stop
+        }
         if isRejectedContent(error) {
             if batch.count > 1 {
                 logger.warning(
@@ -90,34 +148,73 @@ extension Worker {
                     ["error": error, "batch.messages": batch.count])
                 return .writeOneByOne
             }
-            let message = batch[0].message
-            logger.error(
-                "PostgreSQL rejected an event; storing it as a dead letter",
-                [
-                    "error": error, "kafka.topic": message.topic, "kafka.partition": message.partition,
-                    "kafka.offset": message.offset,
-                ])
-            let rejection = Rejection(
-                .storageRejected, "PostgreSQL rejected the event: \(error)", eventKey: batch[0].acceptedKey)
-            retry.batch = [ValidatedMessage(message: message, outcome: .rejected(rejection))]
-            return .retry
+            return storeAsDeadLetter(batch[0], after: error, retry: &retry)
         }
+        retry.failures += 1
         logger.rateLimited(
             .error, "writing the batch failed; retrying", intervalSeconds: 10,
             ["error": error, "batch.messages": batch.count])
+        if batch.count > 1, retry.failures >= 3 {
+            logger.warning(
+                "the batch keeps failing; writing its messages one at a time", ["batch.messages": batch.count])
+            return .writeOneByOne
+        }
         return waitBeforeRetry(&retry) ? .retry : .stop
     }
 
+    /// Replaces a message that PostgreSQL rejected with a dead letter `storage_rejected`. If
+    /// the dead letter is rejected too, the next one leaves out the headers and the event key, and
+    /// its detail is ASCII. Its key and value go to `bytea` columns, which take any bytes.
+    private func storeAsDeadLetter(_ rejected: ValidatedMessage, after error: PostgresError, retry: inout RetryState)
+        -> RetryStep
+    {
+        var message = rejected.message
+        retry.contentRejections += 1
+        logger.error(
+            "PostgreSQL rejected an event; storing it as a dead letter",
+            [
+                "error": error, "kafka.topic": message.topic, "kafka.partition": message.partition,
+                "kafka.offset": message.offset,
+            ])
+        switch retry.contentRejections {
+        case 1:
+            let rejection = Rejection(
+                .storageRejected, "PostgreSQL rejected the event: \(error)", eventKey: rejected.acceptedKey)
+            retry.batch = [ValidatedMessage(message: message, outcome: .rejected(rejection))]
+            return .retry
+        case 2:
+            message.headers = []
+            let detail = asciiOnly("PostgreSQL rejected the event and its dead letter: \(error)")
+            retry.batch = [ValidatedMessage(message: message, outcome: .rejected(Rejection(.storageRejected, detail)))]
+            return .retry
+        default:
+            return waitBeforeRetry(&retry) ? .retry : .stop
+        }
+    }
+
     /// Handles a batch whose stored offsets moved. After a lost connection, offsets at exactly
-    /// the batch's end mean that its COMMIT landed; otherwise another consumer wrote them.
-    private func resolveStaleOffsets(_ stored: [PartitionID: Int64?], retry: RetryState) {
+    /// the batch's end in every partition mean that its COMMIT landed; otherwise another
+    /// consumer wrote them.
+    private func resolveStaleOffsets(_ stored: [PartitionID: Int64?], retry: RetryState) -> WriteResult {
         let ends = batchEnds(retry.batch)
-        if retry.connectionWasLost, stored.allSatisfy({ $0.value == ends[$0.key] }) {
+        if retry.connectionWasLost, let store = connectedStore(),
+            let current = try? store.storedOffsets(Array(ends.keys)), current == ends
+        {
+            // The counts of that commit are unknown here, so the summary carries only the offsets.
             logger.info("the batch was committed before the connection was lost", ["batch.messages": retry.batch.count])
-            for (partition, next) in ends { positions[partition]?.storedOffset = next }
-            return
+            var summary = BatchSummary()
+            summary.nextOffsets = ends
+            recordCommit(summary)
+            return .committed
         }
         handleStaleOffsets(stored, batch: retry.batch)
+        return .stale
+    }
+
+    /// Errors in configuration or permissions (class 42) and a missing database or schema
+    /// (3D000, 3F000) repeat on every attempt until a person changes something.
+    private func needsOperator(_ error: PostgresError) -> Bool {
+        error.sqlStateClass == "42" || error.sqlState == "3D000" || error.sqlState == "3F000"
     }
 
     /// Data errors (class 22) and limits such as an oversized index row (class 54) come from
@@ -236,13 +333,39 @@ extension ValidatedMessage {
     }
 }
 
+/// The end state of a write.
+enum WriteResult {
+    case committed
+    /// Another consumer had moved the stored offsets; the partitions seek back to them.
+    case stale
+    /// A stop was requested, or the worker met an error it cannot go on from.
+    case stopped
+}
+
 /// The state of one batch's retries.
 private struct RetryState {
     /// The messages still to write; one message becomes a dead letter when PostgreSQL rejects it.
     var batch: [ValidatedMessage]
+    /// The clock reading that validation used.
+    var validatedAt: EventTime
     var backoff = Backoff()
     var conflicts = 0
+    var failures = 0
+    var contentRejections = 0
     var connectionWasLost = false
+}
+
+/// Returns the text with every character outside printable ASCII written as `\u{…}`.
+private func asciiOnly(_ text: String) -> String {
+    var result = ""
+    for scalar in text.unicodeScalars {
+        if scalar.value >= 0x20 && scalar.value < 0x7F {
+            result.unicodeScalars.append(scalar)
+        } else {
+            result += "\\u{" + String(scalar.value, radix: 16) + "}"
+        }
+    }
+    return result
 }
 
 /// The next step after a failed attempt.

@@ -36,6 +36,7 @@ extension Worker {
         var start: [KafkaTopicPartition] = []
         for partition in ids {
             let offset = stored?[partition]
+            if let offset, isBeyondLogEnd(partition, storedOffset: offset) { continue }
             positions[partition] = PartitionPosition(storedOffset: offset, nextOffset: offset)
             start.append(
                 KafkaTopicPartition(
@@ -70,6 +71,32 @@ extension Worker {
             logger.info("partitions revoked", ["kafka.partitions": describe(Array(ids))])
         }
         for partition in ids { positions[partition] = nil }
+    }
+
+    /// Checks a stored offset against the partition's log end. An offset beyond it means that
+    /// the topic was re-created or its log truncated: reading from the log start would skip
+    /// the new messages below the stored offset, so the partition is left unconsumed and an
+    /// error logged until an operator resolves it. A failed check lets the partition start.
+    private func isBeyondLogEnd(_ partition: PartitionID, storedOffset: Int64) -> Bool {
+        let watermarks: KafkaWatermarks
+        do {
+            guard let consumer else { return false }
+            watermarks = try consumer.watermarks(
+                topic: partition.topic, partition: partition.partition, timeoutMilliseconds: 5000)
+        } catch {
+            logger.warning(
+                "cannot read the log end of an assigned partition; starting it at its stored offset",
+                ["kafka.topic": partition.topic, "kafka.partition": partition.partition, "error": error])
+            return false
+        }
+        guard storedOffset > watermarks.high else { return false }
+        logger.error(
+            "stored offset is beyond the log end; the topic was re-created or truncated. The partition is not consumed until the stored offset is corrected",
+            [
+                "kafka.topic": partition.topic, "kafka.partition": partition.partition, "stored_offset": storedOffset,
+                "kafka.log_end": watermarks.high,
+            ])
+        return true
     }
 
     /// Logs each partition whose stored offset another consumer group advanced last. Stored

@@ -49,6 +49,8 @@ public final class Worker: KafkaRebalanceHandler {
     var totals = IngestTotals()
     var lastProgressLog = MonotonicTime.now()
     var lastMaintenance = MonotonicTime.now()
+    /// An error that ends `run()`, set where throwing is not possible (inside a rebalance).
+    var fatalFailure: WorkerError?
 
     /// How often the dedupe partitions are checked, and progress is logged.
     static let maintenanceIntervalMilliseconds: Int64 = 10 * 60 * 1000
@@ -100,6 +102,9 @@ public final class Worker: KafkaRebalanceHandler {
             if pending.isFull(configuration.ingest) || pending.hasWaited(maxWait) {
                 flush()
             }
+            if let fatalFailure {
+                throw fatalFailure
+            }
             performPeriodicWork()
         }
 
@@ -120,7 +125,7 @@ public final class Worker: KafkaRebalanceHandler {
         let store: LedgerStore
         do {
             store = try LedgerStore(settings: configuration.postgres, logger: logger)
-        } catch let error as PostgresError {
+        } catch let error as PostgresError where error.kind == .connectionFailed {
             throw WorkerError("cannot connect to PostgreSQL: \(error.message)")
         }
         store.consumerGroup = configuration.kafka.groupID

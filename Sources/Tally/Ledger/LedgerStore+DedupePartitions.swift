@@ -37,7 +37,11 @@ extension LedgerStore {
 
         let serverNow = try connection.execute("SELECT (extract(epoch FROM now()) * 1000000)::bigint")
         let serverTime = EventTime(microseconds: serverNow.int(row: 0, column: 0) ?? now.microseconds)
-        let oldestNeeded = periods.lookupRange(now: min(now, serverTime), limits: limits).lowerBound - 1
+        // Keys are kept for the longest window any worker has used, so that a worker with a
+        // shorter window never drops keys that another one still looks up.
+        var keptLimits = limits
+        keptLimits.dedupeWindowMicroseconds = try longestDedupeHorizon(limits) - limits.maxFutureSkewMicroseconds
+        let oldestNeeded = periods.lookupRange(now: min(now, serverTime), limits: keptLimits).lowerBound - 1
         let obsolete = existing.filter { $0 < oldestNeeded }.sorted()
         for period in obsolete {
             try inTransaction { () throws(PostgresError) in
@@ -49,6 +53,27 @@ extension LedgerStore {
             logger.info("dropped dedupe key partition", ["pg.schema": schemaName, "dedupe.period": period])
         }
         knownDedupePartitions = existing.subtracting(obsolete)
+    }
+
+    /// Records this worker's dedupe horizon (window plus future skew) in `settings` and returns
+    /// the longest one recorded, in microseconds.
+    private func longestDedupeHorizon(_ limits: ValidationLimits) throws(PostgresError) -> Int64 {
+        let horizon = limits.dedupeWindowMicroseconds + limits.maxFutureSkewMicroseconds
+        let result = try connection.execute(
+            """
+            INSERT INTO \(schema).settings AS s (name, value) VALUES ('dedupe_horizon_microseconds', $1)
+            ON CONFLICT (name) DO UPDATE SET value = greatest(s.value::bigint, excluded.value::bigint)::text
+            RETURNING value
+            """,
+            [.text(String(horizon))])
+        let longest = result.int(row: 0, column: 0) ?? horizon
+        if longest > horizon {
+            logger.rateLimited(
+                .warning, "another worker used a longer dedupe window; keys are kept for the longest one",
+                intervalSeconds: 3600,
+                ["dedupe.horizon_us": horizon, "dedupe.longest_horizon_us": longest])
+        }
+        return longest
     }
 
     /// Makes sure that the partitions for claims at `now` exist, asking the database only when

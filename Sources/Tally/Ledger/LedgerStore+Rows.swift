@@ -196,12 +196,7 @@ extension LedgerStore {
         writer.field("topic", message.topic)
         writer.field("partition", Int64(message.partition))
         writer.field("kafka_offset", message.offset)
-        writer.key("kafka_timestamp")
-        if let milliseconds = message.timestampMilliseconds, milliseconds >= 0 {
-            writer.string(EventTime(microseconds: milliseconds * 1000).rfc3339)
-        } else {
-            writer.null()
-        }
+        writer.field("kafka_timestamp", kafkaTimestampText(message.timestampMilliseconds))
     }
 
     private func writeGroups(_ groups: [(name: String, value: String?)], to writer: JSONWriter) {
@@ -238,6 +233,17 @@ extension LedgerStore {
         }
         writer.endArray()
     }
+}
+
+/// The latest Kafka timestamp that is stored: 9999-12-31T23:59:59.999Z, in milliseconds. A
+/// producer may set any 64-bit CreateTime, and PostgreSQL's `timestamptz` ends in year 294276.
+let latestStoredKafkaTimestamp: Int64 = 253_402_300_799_999
+
+/// Formats a Kafka message timestamp for `timestamptz`, or returns nil when there is none or it
+/// lies outside years 1970 to 9999.
+func kafkaTimestampText(_ milliseconds: Int64?) -> String? {
+    guard let milliseconds, (0...latestStoredKafkaTimestamp).contains(milliseconds) else { return nil }
+    return EventTime(microseconds: milliseconds * 1000).rfc3339
 }
 
 /// Returns the bytes as a string when they are valid UTF-8 without U+0000, which `jsonb` can store.

@@ -52,6 +52,7 @@ public final class LedgerStore {
 
         // Minutes and dates are computed in UTC, whatever the server's default zone is.
         try connection.execute("SET TIME ZONE 'UTC'")
+        try Migrator.requireUTF8(connection)
         let version = try Migrator.currentVersion(connection, schema: schema)
         guard version == Schema.latestVersion else {
             throw SchemaVersionError(schema: schema, found: version, expected: Schema.latestVersion)

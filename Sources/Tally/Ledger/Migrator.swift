@@ -15,6 +15,7 @@ public enum Migrator {
     public static func migrate(_ connection: PostgresConnection, schema: String, logger: Logger) throws(PostgresError)
         -> Outcome
     {
+        try requireUTF8(connection)
         let quotedSchema = try connection.quoteIdentifier(schema)
         // One lock per schema name, taken for the session and released below.
         let lockKey = "tally.migrate:\(schema)"
@@ -72,5 +73,18 @@ public enum Migrator {
     {
         let result = try connection.execute("SELECT coalesce(max(version), 0) FROM \(quotedSchema).schema_migrations")
         return Int(result.int(row: 0, column: 0) ?? 0)
+    }
+
+    /// Refuses a database whose encoding is not UTF8: event text is stored as it arrives, and
+    /// another encoding would reject or alter characters outside its repertoire.
+    static func requireUTF8(_ connection: PostgresConnection) throws(PostgresError) {
+        let encoding = try connection.serverEncoding()
+        guard encoding == "UTF8" else {
+            throw PostgresError(
+                kind: .statementFailed,
+                message:
+                    "the database uses the encoding \(encoding); Tally needs a UTF8 database (CREATE DATABASE ... ENCODING 'UTF8')",
+                operation: "check encoding")
+        }
     }
 }

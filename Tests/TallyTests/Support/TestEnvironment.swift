@@ -148,6 +148,7 @@ final class RunningWorker: @unchecked Sendable {
     private let finished = DispatchSemaphore(value: 0)
     private let failure = Mutex<String?>(nil)
     private let assignedCount = Mutex(0)
+    private let hasStopped = Mutex(false)
     private let settings: PostgresSettings
 
     init(configuration: Configuration, clock: any TallyClock, logger: Logger = Logger(level: .warning)) {
@@ -198,11 +199,17 @@ final class RunningWorker: @unchecked Sendable {
         throw SetupError("the worker did not catch up within \(timeoutSeconds) s; stored offsets: \(lastSeen)")
     }
 
-    /// Stops the worker and waits for its thread to end.
+    /// Stops the worker and waits for its thread to end. Calling it again returns at once.
     func stop() throws {
         stopSignal.request()
-        guard finished.wait(timeout: .now() + 60) == .success else {
-            throw SetupError("the worker did not stop within 60 s")
+        let alreadyStopped = hasStopped.withLock { stopped in
+            defer { stopped = true }
+            return stopped
+        }
+        if !alreadyStopped {
+            guard finished.wait(timeout: .now() + 60) == .success else {
+                throw SetupError("the worker did not stop within 60 s")
+            }
         }
         if let message = failure.withLock({ $0 }) {
             throw SetupError("the worker failed: \(message)")
