@@ -72,6 +72,14 @@ struct ConfigurationTests {
         #expect(configuration.ingest.batchMaxWaitMilliseconds == 20)
     }
 
+    @Test func limitsOutsideTheirRangeAreRejected() {
+        #expect(message(Self.minimal + "\ningest:\n  dedupe_window: 800d").contains("from 1m to 730d"))
+        #expect(message(Self.minimal + "\ningest:\n  dedupe_window: 30s").contains("from 1m to 730d"))
+        #expect(message(Self.minimal + "\ningest:\n  max_future_skew: 2d").contains("at most 1d"))
+        #expect(message(Self.minimal + "\ningest:\n  batch:\n    max_bytes: 1GiB").contains("to 256MiB"))
+        #expect(message(Self.minimal + "\ningest:\n  batch:\n    max_messages: 0").contains("from 1 to"))
+    }
+
     @Test func unknownKeyNamesItsPlace() {
         let text = Self.minimal.replacingOccurrences(of: "group_id: tally", with: "group_id: tally\n  groupid: x")
         #expect(message(text).contains("unknown key groupid in kafka at line 5"))
