@@ -74,9 +74,9 @@ extension Worker {
     }
 
     /// Checks a stored offset against the partition's log end. An offset beyond it means that
-    /// the topic was re-created or its log truncated: reading from the log start would skip
-    /// the new messages below the stored offset, so the partition is left unconsumed and an
-    /// error logged until an operator resolves it. A failed check lets the partition start.
+    /// the topic was re-created or its log truncated. Reading from the log start would then
+    /// skip the new messages below the stored offset, so the partition is left unconsumed, with
+    /// an error in the log, until an operator resolves it. A failed check lets the partition start.
     private func isBeyondLogEnd(_ partition: PartitionID, storedOffset: Int64) -> Bool {
         let watermarks: KafkaWatermarks
         do {
