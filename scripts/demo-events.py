@@ -13,6 +13,7 @@ Output files in OUT_DIR:
   messages.tsv    the events, re-sends and malformed messages, in time order
   tombstones.tsv  messages whose empty value must be sent as NULL (`kcat -Z`)
   produced.json   the time shift and what was written: events, re-sends, dead letters by reason
+
 The .tsv files have one message a line as `key<TAB>value`, for `kcat -P -K '\\t'`. The compact
 JSON is ASCII only (`ensure_ascii`), so neither the tab nor the newline can occur in a value,
 and the one message with invalid UTF-8 avoids both bytes.

@@ -59,10 +59,12 @@ extension Worker {
     public func partitionsRevoked(_ partitions: [KafkaTopicPartition], lost: Bool) {
         let ids = Set(partitions.map { PartitionID(topic: $0.topic, partition: $0.partition) })
         if lost {
-            let kept = pending.messages.filter { !ids.contains(PartitionID(topic: $0.topic, partition: $0.partition)) }
-            let dropped = pending.messages.count - kept.count
+            let remaining = pending.messages.filter {
+                !ids.contains(PartitionID(topic: $0.topic, partition: $0.partition))
+            }
+            let dropped = pending.messages.count - remaining.count
             pending.removeAll()
-            for message in kept { pending.append(message) }
+            for message in remaining { pending.append(message) }
             logger.warning(
                 "partitions lost; dropping their uncommitted messages",
                 ["kafka.partitions": describe(Array(ids)), "batch.dropped": dropped])

@@ -8,14 +8,13 @@ import Postgres
 /// decimal text through JSON into `numeric`, and bytes travel as hexadecimal text.
 extension LedgerStore {
     func insertLedgerRows(_ messages: [ValidatedMessage], outcomes: [MessageOutcome]) throws(PostgresError) {
-        let writer = JSONWriter()
-        var count = 0
-        writer.beginArray()
+        let rows = RowArray()
+        let writer = rows.writer
         for (index, validated) in messages.enumerated() {
             guard case .accepted(let ledgerID) = outcomes[index], case .accepted(let event) = validated.outcome else {
                 continue
             }
-            count += 1
+            rows.count += 1
             writer.beginObject()
             writer.field("id", ledgerID)
             writer.field("source", event.key.source.string)
@@ -42,8 +41,7 @@ extension LedgerStore {
             writeCoordinates(validated.message, to: writer)
             writer.endObject()
         }
-        writer.endArray()
-        guard count > 0 else { return }
+        guard rows.finish() else { return }
 
         // `data` goes through a json column and a cast, so that a JSON string stays a string.
         try connection.execute(
@@ -64,9 +62,8 @@ extension LedgerStore {
     /// Adds the batch's readings to the rollups: aggregated per rollup key first, so each row
     /// is updated once, and in key order, so concurrent batches do not deadlock.
     func upsertRollups(_ messages: [ValidatedMessage], outcomes: [MessageOutcome]) throws(PostgresError) {
-        let writer = JSONWriter()
-        var count = 0
-        writer.beginArray()
+        let rows = RowArray()
+        let writer = rows.writer
         for (index, validated) in messages.enumerated() {
             guard case .accepted(let ledgerID) = outcomes[index], case .accepted(let event) = validated.outcome else {
                 continue
@@ -74,7 +71,7 @@ extension LedgerStore {
             let minute = event.time.minute.rfc3339
             let time = event.time.rfc3339
             for reading in event.readings {
-                count += 1
+                rows.count += 1
                 writer.beginObject()
                 writer.field("meter", reading.meter)
                 writer.field("subject", event.subject)
@@ -87,8 +84,7 @@ extension LedgerStore {
                 writer.endObject()
             }
         }
-        writer.endArray()
-        guard count > 0 else { return }
+        guard rows.finish() else { return }
 
         try connection.execute(
             """
@@ -120,15 +116,14 @@ extension LedgerStore {
     }
 
     func insertDuplicates(_ messages: [ValidatedMessage], outcomes: [MessageOutcome]) throws(PostgresError) {
-        let writer = JSONWriter()
-        var count = 0
-        writer.beginArray()
+        let rows = RowArray()
+        let writer = rows.writer
         for (index, validated) in messages.enumerated() {
             guard case .duplicate(let originalID) = outcomes[index], case .accepted(let event) = validated.outcome
             else {
                 continue
             }
-            count += 1
+            rows.count += 1
             writer.beginObject()
             writer.field("source", event.key.source.string)
             writer.field("event_id", event.key.id.string)
@@ -136,8 +131,7 @@ extension LedgerStore {
             writeCoordinates(validated.message, to: writer)
             writer.endObject()
         }
-        writer.endArray()
-        guard count > 0 else { return }
+        guard rows.finish() else { return }
 
         try connection.execute(
             """
@@ -154,13 +148,12 @@ extension LedgerStore {
     /// Stores rejected messages with their raw key, value and headers. Everything taken from
     /// the message is written as bytes, so no content can make this insert fail.
     func insertDeadLetters(_ messages: [ValidatedMessage], outcomes: [MessageOutcome]) throws(PostgresError) {
-        let writer = JSONWriter()
-        var count = 0
-        writer.beginArray()
+        let rows = RowArray()
+        let writer = rows.writer
         for (index, validated) in messages.enumerated() {
             guard case .deadLetter(let rejection) = outcomes[index] else { continue }
             let message = validated.message
-            count += 1
+            rows.count += 1
             writer.beginObject()
             writer.field("reason", rejection.reason.rawValue)
             writer.field("detail", sanitizedDetail(rejection.detail))
@@ -174,8 +167,7 @@ extension LedgerStore {
             writeCoordinates(message, to: writer)
             writer.endObject()
         }
-        writer.endArray()
-        guard count > 0 else { return }
+        guard rows.finish() else { return }
 
         try connection.execute(
             """
@@ -232,6 +224,23 @@ extension LedgerStore {
             writer.endObject()
         }
         writer.endArray()
+    }
+}
+
+/// A JSON array of table rows under construction, one object per row.
+private final class RowArray {
+    let writer = JSONWriter()
+    /// The number of rows written; the caller counts each one.
+    var count = 0
+
+    init() {
+        writer.beginArray()
+    }
+
+    /// Closes the array, and returns whether it has any row to insert.
+    func finish() -> Bool {
+        writer.endArray()
+        return count > 0
     }
 }
 

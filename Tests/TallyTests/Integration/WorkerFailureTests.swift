@@ -130,13 +130,13 @@ struct WorkerFailureTests {
             }
             let other = try LedgerStore(settings: schema.settings, logger: schema.logger)
             let validator = EventValidator(meters: MeterSet(meters), limits: Self.limits)
-            let taken = partitionOne.prefix(3).enumerated().map { index, text in
+            let writtenByOther = partitionOne.prefix(3).enumerated().map { index, text in
                 let message = KafkaMessage(
                     topic: "usage", partition: 1, offset: Int64(index + 1), key: nil, value: Array(text.utf8))
                 return ValidatedMessage(message: message, outcome: validator.validate(message.value, now: clock.now()))
             }
             _ = try other.writeBatch(
-                taken, expectedOffsets: [PartitionID(topic: "usage", partition: 1): 1], now: clock.now(),
+                writtenByOther, expectedOffsets: [PartitionID(topic: "usage", partition: 1): 1], now: clock.now(),
                 limits: Self.limits)
 
             try await worker.waitUntilCaughtUp(with: kafka)
