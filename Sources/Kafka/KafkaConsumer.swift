@@ -1,15 +1,31 @@
 import CRdKafka
+import Glibc
 
 /// Receives a consumer group's rebalances. Both methods run on the thread that polls, inside
 /// `KafkaConsumer.poll` or `close`, before librdkafka goes on.
 public protocol KafkaRebalanceHandler: AnyObject {
-    /// Returns the partitions to start, each with the offset to start at. Partitions left out
-    /// are not consumed by this member until the next rebalance.
-    func partitionsAssigned(_ partitions: [KafkaTopicPartition]) -> [KafkaTopicPartition]
+    /// Decides where the assigned partitions start. Partitions left out of the result are not
+    /// consumed by this member until the next rebalance.
+    func partitionsAssigned(_ partitions: [KafkaTopicPartition]) -> KafkaAssignment
 
     /// Called before the partitions are given up. With `lost`, another member may already own
     /// them, as after a session timeout, so nothing may be committed for them.
     func partitionsRevoked(_ partitions: [KafkaTopicPartition], lost: Bool)
+}
+
+/// What a member does with newly assigned partitions.
+public struct KafkaAssignment: Sendable {
+    /// Partitions to fetch from their offsets at once. They are resumed explicitly, because
+    /// librdkafka keeps an application pause across a revocation and a new assignment.
+    public var start: [KafkaTopicPartition]
+    /// Partitions to assign at their offsets but keep paused until the application resumes
+    /// them, for example while their start offsets cannot be read yet.
+    public var paused: [KafkaTopicPartition]
+
+    public init(start: [KafkaTopicPartition], paused: [KafkaTopicPartition] = []) {
+        self.start = start
+        self.paused = paused
+    }
 }
 
 /// The result of one poll.
@@ -30,6 +46,10 @@ public final class KafkaConsumer {
     /// Owned by this object; librdkafka's opaque pointer refers to it.
     private let box: CallbackBox
     private var isClosed = false
+    /// Whether `close` gave up before the group was left, so `deinit` must not try again.
+    private var closeTimedOut = false
+    /// The topics of the current subscription, to skip a subscribe that changes nothing.
+    private var subscribedTopics: [String]?
 
     /// Creates a consumer. `properties` go to librdkafka as they are; they must include
     /// `bootstrap.servers` and, for `subscribe`, `group.id`.
@@ -49,6 +69,10 @@ public final class KafkaConsumer {
     }
 
     deinit {
+        if closeTimedOut {
+            rd_kafka_destroy_flags(handle, RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE)
+            return
+        }
         if !isClosed {
             // Leaving without close() is allowed but gives up the group membership abruptly.
             _ = rd_kafka_consumer_close(handle)
@@ -68,12 +92,16 @@ public final class KafkaConsumer {
     }
 
     /// Joins the consumer group for `topics`. The partitions arrive through the rebalance handler.
+    /// Subscribing again to the same topics does nothing, because every subscribe starts a
+    /// rebalance of the whole group.
     public func subscribe(topics: [String]) throws(KafkaError) {
+        guard subscribedTopics != topics else { return }
         let list = TopicPartitionList(topics.map { KafkaTopicPartition(topic: $0, partition: RD_KAFKA_PARTITION_UA) })
         let code = rd_kafka_subscribe(handle, list.pointer)
         guard code == RD_KAFKA_RESP_ERR_NO_ERROR else {
             throw KafkaError(code, operation: "subscribe")
         }
+        subscribedTopics = topics
     }
 
     /// Consumes exactly these partitions from their offsets, outside any group rebalance.
@@ -176,13 +204,50 @@ public final class KafkaConsumer {
         try queryWatermarks(handle, topic: topic, partition: partition, timeoutMilliseconds: timeoutMilliseconds)
     }
 
+    /// The log start and end last reported by the partition's leader in a fetch response,
+    /// without asking the broker. Nil until the partition has been fetched.
+    public func cachedWatermarks(topic: String, partition: Int32) -> KafkaWatermarks? {
+        var low: Int64 = -1
+        var high: Int64 = -1
+        let code = rd_kafka_get_watermark_offsets(handle, topic, partition, &low, &high)
+        guard code == RD_KAFKA_RESP_ERR_NO_ERROR, low >= 0, high >= 0 else { return nil }
+        return KafkaWatermarks(low: low, high: high)
+    }
+
     /// Leaves the group: the rebalance handler receives the revocation, then the consumer
     /// stops. Call it once, from the polling thread.
-    public func close() throws(KafkaError) {
-        guard !isClosed else { return }
+    ///
+    /// Leaving waits for the group coordinator, which may be unreachable. After
+    /// `timeoutMilliseconds` this gives up and returns false; the coordinator then notices
+    /// the departure after `session.timeout.ms`, and the handle is destroyed without another
+    /// attempt to leave.
+    @discardableResult
+    public func close(timeoutMilliseconds: Int64 = 60_000) throws(KafkaError) -> Bool {
+        guard !isClosed else { return true }
         isClosed = true
-        let code = rd_kafka_consumer_close(handle)
-        guard code == RD_KAFKA_RESP_ERR_NO_ERROR else { throw KafkaError(code, operation: "close") }
+        guard let queue = rd_kafka_queue_new(handle) else {
+            let code = rd_kafka_consumer_close(handle)
+            guard code == RD_KAFKA_RESP_ERR_NO_ERROR else { throw KafkaError(code, operation: "close") }
+            return true
+        }
+        defer { rd_kafka_queue_destroy(queue) }
+        if let error = rd_kafka_consumer_close_queue(handle, queue) {
+            throw KafkaError(consuming: error, operation: "close")
+        }
+        var spec = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &spec)
+        let start = Int64(spec.tv_sec) * 1000 + Int64(spec.tv_nsec) / 1_000_000
+        while rd_kafka_consumer_closed(handle) == 0 {
+            clock_gettime(CLOCK_MONOTONIC, &spec)
+            let elapsed = Int64(spec.tv_sec) * 1000 + Int64(spec.tv_nsec) / 1_000_000 - start
+            if elapsed >= timeoutMilliseconds {
+                closeTimedOut = true
+                return false
+            }
+            // Serves the rebalance callback (the final revocation) and the error callback.
+            _ = rd_kafka_queue_poll_callback(queue, Int32(min(100, timeoutMilliseconds - elapsed)))
+        }
+        return true
     }
 
     // MARK: Rebalance
@@ -195,12 +260,13 @@ public final class KafkaConsumer {
 
         switch code {
         case RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS:
-            let start =
+            let decision =
                 box.rebalanceHandler?.partitionsAssigned(entries)
-                ?? entries.map {
-                    KafkaTopicPartition(topic: $0.topic, partition: $0.partition, offset: KafkaOffset.beginning)
-                }
-            let list = TopicPartitionList(start)
+                ?? KafkaAssignment(
+                    start: entries.map {
+                        KafkaTopicPartition(topic: $0.topic, partition: $0.partition, offset: KafkaOffset.beginning)
+                    })
+            let list = TopicPartitionList(decision.start + decision.paused)
             if isCooperative {
                 if let error = rd_kafka_incremental_assign(handle, list.pointer) {
                     reportRebalanceFailure(KafkaError(consuming: error, operation: "incremental assign"))
@@ -210,6 +276,14 @@ public final class KafkaConsumer {
                 if code != RD_KAFKA_RESP_ERR_NO_ERROR {
                     reportRebalanceFailure(KafkaError(code, operation: "assign"))
                 }
+            }
+            // An application pause outlives a revocation in librdkafka, so a partition paused
+            // before it was revoked would stay paused when assigned again. Set both states.
+            do {
+                if !decision.paused.isEmpty { try pause(decision.paused) }
+                if !decision.start.isEmpty { try resume(decision.start) }
+            } catch {
+                reportRebalanceFailure(error)
             }
 
         case RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS:
