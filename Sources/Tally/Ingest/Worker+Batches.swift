@@ -341,7 +341,9 @@ extension Worker {
             // A message of a paused partition was fetched before the pause; it is read again
             // after the partition moves back to its next offset.
             if MonotonicTime.now().milliseconds(since: progress.lastCheck) >= Self.statusIntervalMilliseconds {
-                _ = checkProgress(now: MonotonicTime.now())
+                let state = checkProgress(now: MonotonicTime.now())
+                // Between attempts no transaction is open; the report needs a live connection.
+                reportStatus(state.state, detail: state.detail)
             }
         }
         return true
