@@ -56,7 +56,8 @@ enum RunCommand: Command {
         default:
             throw UsageError("TALLY_TEST_HOOK must be kill-before-commit or kill-after-commit, not \(hook)")
         }
-        logger.warning("TALLY_TEST_HOOK is set: a fault injection for tests; never set it in production", ["hook": hook])
+        logger.warning(
+            "TALLY_TEST_HOOK is set: a fault injection for tests; never set it in production", ["hook": hook])
         return hooks
     }
 }

@@ -34,8 +34,8 @@ enum StatsCommand: Command {
         """
 
     static let options = OptionSpec(options: [
-            "config": .value, "json": .flag, "offline": .flag, "check": .flag, "log-level": .value,
-        ])
+        "config": .value, "json": .flag, "offline": .flag, "check": .flag, "log-level": .value,
+    ])
 
     static func run(_ arguments: ParsedArguments) throws -> Int32 {
         let configuration = try requiredConfiguration(arguments)

@@ -382,7 +382,8 @@ extension Worker {
             try consumer.seek(targets, timeoutMilliseconds: 10_000)
             try consumer.resume(targets)
         } catch {
-            logger.rateLimited(.warning, "resuming paused partitions failed; retrying", intervalSeconds: 10, ["error": error])
+            logger.rateLimited(
+                .warning, "resuming paused partitions failed; retrying", intervalSeconds: 10, ["error": error])
             restartAttempt.failed()
             return
         }

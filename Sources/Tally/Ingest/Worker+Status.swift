@@ -79,16 +79,19 @@ extension Worker {
     }
 
     /// The messages of the assigned partitions beyond their stored offsets, from the log ends
-    /// of the last fetch responses; a partition never fetched is asked for its log end. Nil
-    /// when a log end is unknown and cannot be read.
+    /// of the last fetch responses. A few partitions never fetched (assigned paused) are asked
+    /// for their log ends, briefly, so that the check never holds up polling for long. Nil
+    /// when a log end is unknown.
     private func assignedLag(_ assigned: Set<PartitionID>) -> Int64? {
         guard let consumer else { return nil }
         var lag: Int64 = 0
-        for partition in assigned {
+        var queries = 0
+        for partition in assigned.sorted() {
             var marks = consumer.cachedWatermarks(topic: partition.topic, partition: partition.partition)
-            if marks == nil {
+            if marks == nil, queries < 4 {
+                queries += 1
                 marks = try? consumer.watermarks(
-                    topic: partition.topic, partition: partition.partition, timeoutMilliseconds: 500)
+                    topic: partition.topic, partition: partition.partition, timeoutMilliseconds: 200)
             }
             guard let marks else { return nil }
             let stored = positions[partition]?.storedOffset ?? marks.low

@@ -18,8 +18,8 @@ extension LedgerStore {
     /// stored offset. The offsets below the log start are recorded as a gap with the reason
     /// `retention`: the broker deleted them before they were read.
     public func writeBatch(
-        _ messages: [ValidatedMessage], expectedOffsets: [PartitionID: Int64?], now: EventTime, limits: ValidationLimits,
-        logStarts: [PartitionID: Int64] = [:]
+        _ messages: [ValidatedMessage], expectedOffsets: [PartitionID: Int64?], now: EventTime,
+        limits: ValidationLimits, logStarts: [PartitionID: Int64] = [:]
     ) throws(BatchWriteError) -> BatchSummary {
         var spans = partitionSpans(messages, expectedOffsets: expectedOffsets)
         let gaps = offsetGaps(messages, spans: spans, logStarts: logStarts)

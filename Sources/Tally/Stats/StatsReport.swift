@@ -69,7 +69,8 @@ public struct StatsReport: Sendable {
     /// starts beyond the stored offset. Empty when all is well. Lag needs the watermarks.
     public func problems(stalledAfterSeconds: Int64, liveWorkerSeconds: Int64 = 60) -> [String] {
         var found: [String] = []
-        for worker in workers where worker.secondsSinceHeartbeat <= liveWorkerSeconds && worker.status == "no_progress" {
+        for worker in workers where worker.secondsSinceHeartbeat <= liveWorkerSeconds && worker.status == "no_progress"
+        {
             found.append(
                 "worker \(worker.workerID) makes no progress on \(worker.partitions) (lag \(worker.lag.map(String.init) ?? "unknown"), \(worker.secondsSinceProgress ?? 0) s): \(worker.detail)"
             )

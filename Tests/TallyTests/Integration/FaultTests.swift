@@ -67,7 +67,9 @@ struct FaultTests {
             try await Task.sleep(nanoseconds: 9_000_000_000)
             let outageLines = sink.capturedLines
             #expect(
-                !outageLines.contains { $0.contains("max.poll.interval.ms exceeded") || $0.contains("partitions lost") },
+                !outageLines.contains {
+                    $0.contains("max.poll.interval.ms exceeded") || $0.contains("partitions lost")
+                },
                 "\(outageLines.joined(separator: "\n"))")
             #expect(outageLines.contains { $0.contains("no progress while lag exists") })
 
@@ -89,7 +91,8 @@ struct FaultTests {
             let lines = sink.capturedLines
             // The 2.0.2 mock cluster may still declare an assignment lost when an offset commit
             // races a cooperative rebalance; that is not a missed poll.
-            #expect(!lines.contains { $0.contains("max.poll.interval.ms exceeded") }, "\(lines.joined(separator: "\n"))")
+            #expect(
+                !lines.contains { $0.contains("max.poll.interval.ms exceeded") }, "\(lines.joined(separator: "\n"))")
             #expect(lines.contains { $0.contains("consumption resumed") })
             #expect(try schema.count("SELECT count(*) FROM {s}.ledger") == 1120)
             #expect(try schema.count("SELECT count(DISTINCT event_id) FROM {s}.ledger") == 1120)
@@ -110,7 +113,8 @@ struct FaultTests {
                 CREATE FUNCTION {s}.stuck() RETURNS trigger LANGUAGE plpgsql AS $$
                 BEGIN IF NEW.event_id = 'stuck' THEN RAISE EXCEPTION 'stuck for the test'; END IF; RETURN NEW; END $$
                 """)
-            try schema.query("CREATE TRIGGER stuck BEFORE INSERT ON {s}.ledger FOR EACH ROW EXECUTE FUNCTION {s}.stuck()")
+            try schema.query(
+                "CREATE TRIGGER stuck BEFORE INSERT ON {s}.ledger FOR EACH ROW EXECUTE FUNCTION {s}.stuck()")
             let sink = LogSink.capturing()
             let worker = RunningWorker(
                 configuration: configuration, clock: try clockNearT0(), logger: Logger(level: .info, sink: sink))

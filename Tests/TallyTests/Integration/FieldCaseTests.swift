@@ -97,7 +97,8 @@ struct FieldCaseTests {
             // W2 gets the partition once W1 is out of the group, and blocks on W1's lock.
             try await waitUntil("W2 waiting for W1's lock", timeoutSeconds: 60) {
                 try schema.count(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND application_name = 'tally'")
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND application_name = 'tally'"
+                )
                     > 0
             }
             gate.release()
@@ -116,7 +117,8 @@ struct FieldCaseTests {
             // At most one committed batch covers offset 3.
             #expect(
                 try schema.count(
-                    "SELECT count(*) FROM {s}.batches WHERE backfill_run IS NULL AND from_offset <= 3 AND next_offset > 3")
+                    "SELECT count(*) FROM {s}.batches WHERE backfill_run IS NULL AND from_offset <= 3 AND next_offset > 3"
+                )
                     == 1)
             #expect(
                 sink1.capturedLines.contains { $0.contains("max.poll.interval.ms exceeded") },
@@ -139,7 +141,8 @@ struct FieldCaseTests {
             let validator = EventValidator(meters: MeterSet(try standardMeters()), limits: WorkerFailureTests.limits)
             let firstFive = (0..<5).map { index in
                 let message = KafkaMessage(
-                    topic: "usage", partition: 0, offset: Int64(index), key: nil, value: Array(apiCall("e\(index)").utf8))
+                    topic: "usage", partition: 0, offset: Int64(index), key: nil,
+                    value: Array(apiCall("e\(index)").utf8))
                 return ValidatedMessage(message: message, outcome: validator.validate(message.value, now: clock.now()))
             }
             _ = try store.writeBatch(
@@ -230,8 +233,10 @@ struct FieldCaseTests {
             #expect(rolledBack.count == 1, "W1 retried its stale commit: \(rolledBack)")
             #expect(rolledBack.first?.contains("usage[0]") == true)
             #expect(
-                try schema.query("SELECT kafka_offset::text FROM {s}.ledger WHERE kafka_offset BETWEEN 10 AND 19 ORDER BY 1")
-                    .count == 10)
+                try schema.query(
+                    "SELECT kafka_offset::text FROM {s}.ledger WHERE kafka_offset BETWEEN 10 AND 19 ORDER BY 1"
+                )
+                .count == 10)
             #expect(try schema.count("SELECT count(*) FROM {s}.ledger") == 21)
             #expect(try schema.scalar("SELECT event_count FROM {s}.rollups WHERE meter = 'calls'") == "21")
             #expect(try schema.count("SELECT count(*) FROM {s}.duplicates") == 0)
@@ -253,7 +258,8 @@ struct FieldCaseTests {
             try await worker.waitUntilCaughtUp(with: kafka)
             try worker.stop()
             #expect(sink.capturedLines.contains { $0.contains("partitions assigned") && $0.contains("usage[0]@start") })
-            #expect(try schema.query("SELECT event_id FROM {s}.ledger ORDER BY kafka_offset") == [["first"], ["second"]])
+            #expect(
+                try schema.query("SELECT event_id FROM {s}.ledger ORDER BY kafka_offset") == [["first"], ["second"]])
             try schema.expectInvariants()
         }
     }
@@ -294,7 +300,8 @@ struct FieldCaseTests {
             let error = sink.capturedLines.first { $0.contains("level=error") && $0.contains("lost to retention") }
             #expect(error?.contains("gap.from_offset=100 gap.to_offset=\(marks.low - 1)") == true)
             #expect(
-                try schema.query("SELECT min(kafka_offset)::text, max(kafka_offset)::text, count(*)::text FROM {s}.ledger")
+                try schema.query(
+                    "SELECT min(kafka_offset)::text, max(kafka_offset)::text, count(*)::text FROM {s}.ledger")
                     == [[String(marks.low), "199", String(200 - marks.low)]])
             #expect(try schema.scalar("SELECT next_offset FROM {s}.partition_offsets") == "200")
 
@@ -329,7 +336,8 @@ struct FieldCaseTests {
             try schema.query(
                 "SELECT subject, sum::text, event_count::text FROM {s}.rollups WHERE meter = 'api_calls' ORDER BY subject"
             ) == [["cust-1", "12", "2"], ["cust-2", "11", "1"]], sourceLocation: sourceLocation)
-        #expect(try schema.scalar("SELECT next_offset FROM {s}.partition_offsets") == "3", sourceLocation: sourceLocation)
+        #expect(
+            try schema.scalar("SELECT next_offset FROM {s}.partition_offsets") == "3", sourceLocation: sourceLocation)
         #expect(try schema.count("SELECT count(*) FROM {s}.duplicates") == 0, sourceLocation: sourceLocation)
         try schema.expectInvariants(sourceLocation: sourceLocation)
     }
@@ -350,7 +358,8 @@ struct FieldCaseTests {
                 ["run", "--config", config.path], environment: ["TALLY_TEST_HOOK": hook])
             defer { crashing.cleanUp() }
             let crash = try await crashing.waitForExit(timeoutSeconds: 60)
-            #expect(crash?.signaled == true && crash?.status == SIGKILL, "tally did not die by SIGKILL: \(crashing.log)")
+            #expect(
+                crash?.signaled == true && crash?.status == SIGKILL, "tally did not die by SIGKILL: \(crashing.log)")
 
             let committed = try KafkaConsumer(properties: [
                 ("bootstrap.servers", kafka.cluster.bootstrapServers), ("group.id", group), ("log_level", "3"),
@@ -429,7 +438,12 @@ struct FieldCaseTests {
             case .connectionDropsAfterCommitLanded:
                 let fired = Mutex(false)
                 hooks.afterCommit = { () throws(PostgresError) in
-                    guard !fired.withLock({ value in defer { value = true }; return value }) else { return }
+                    guard
+                        !fired.withLock({ value in
+                            defer { value = true }
+                            return value
+                        })
+                    else { return }
                     throw PostgresError(
                         kind: .connectionLost, message: "server closed the connection unexpectedly (test hook)",
                         operation: "execute")
