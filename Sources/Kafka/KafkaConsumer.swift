@@ -50,6 +50,8 @@ public final class KafkaConsumer {
     private var closeTimedOut = false
     /// The topics of the current subscription, to skip a subscribe that changes nothing.
     private var subscribedTopics: [String]?
+    /// Whether the rebalance callback has received an assignment, even an empty one.
+    private var hasSeenAssignment = false
 
     /// Creates a consumer. `properties` go to librdkafka as they are; they must include
     /// `bootstrap.servers` and, for `subscribe`, `group.id`.
@@ -69,6 +71,15 @@ public final class KafkaConsumer {
     }
 
     deinit {
+        if subscribedTopics != nil && !hasSeenAssignment {
+            // librdkafka before 2.3.0 fails an assertion in rd_kafka_destroy (in
+            // rd_kafka_sticky_assignor_state_destroy, librdkafka issue #4381) when a
+            // cooperative-sticky member that joined a group is destroyed before its first
+            // assignment. The handle is left to the process instead; it has left the group
+            // when close() returned.
+            if !isClosed { _ = rd_kafka_consumer_close(handle) }
+            return
+        }
         if closeTimedOut {
             rd_kafka_destroy_flags(handle, RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE)
             return
@@ -260,6 +271,7 @@ public final class KafkaConsumer {
 
         switch code {
         case RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS:
+            hasSeenAssignment = true
             let decision =
                 box.rebalanceHandler?.partitionsAssigned(entries)
                 ?? KafkaAssignment(
