@@ -50,6 +50,8 @@ extension Worker {
                 KafkaTopicPartition(
                     topic: partition.topic, partition: partition.partition, offset: offset ?? KafkaOffset.beginning))
         }
+        // The time without progress counts from now for new partitions.
+        progress.lastProgress = MonotonicTime.now()
         logger.info("partitions assigned", ["kafka.partitions": describeStart(start)])
         observer.partitionsAssigned(Dictionary(uniqueKeysWithValues: ids.map { ($0, stored[$0]) }))
         return KafkaAssignment(start: start)
@@ -107,6 +109,7 @@ extension Worker {
         }
         awaitingStart.removeAll()
         startAttempt.succeeded()
+        progress.lastProgress = MonotonicTime.now()
         logger.info("partitions started at their stored offsets", ["kafka.partitions": describeStart(start)])
         observer.partitionsAssigned(Dictionary(uniqueKeysWithValues: ids.map { ($0, stored[$0]) }))
     }

@@ -186,7 +186,9 @@ struct FaultTests {
             defer { impatient.cleanUp() }
             try await impatient.waitForLog("usage[0]@3")
             try await waitUntil("the batch to sleep in PostgreSQL") {
-                try schema.count("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'") > 0
+                try schema.count(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep' AND query LIKE '%\(schema.name)%'"
+                ) > 0
             }
             impatient.signal(SIGTERM)
             try await impatient.waitForLog("stop requested")
@@ -196,7 +198,9 @@ struct FaultTests {
             let quick = try await impatient.waitForExit(timeoutSeconds: 10)
             #expect(quick != nil && Date().timeIntervalSince(second) < 1, "\(impatient.log)")
             #expect(impatient.log.contains("second stop signal"))
-            try schema.query("SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE wait_event = 'PgSleep'")
+            try schema.query(
+                "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE wait_event = 'PgSleep' AND query LIKE '%\(schema.name)%'"
+            )
 
             // The transaction made that safe: the next run writes the event once.
             let next = try TallyProcess(["run", "--config", config.path])

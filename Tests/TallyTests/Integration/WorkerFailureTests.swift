@@ -124,7 +124,8 @@ struct WorkerFailureTests {
             let watcher = try PostgresConnection(conninfo: "", applicationName: "tally tests")
             let deadline = Date().addingTimeInterval(20)
             while Date() < deadline {
-                let sleeping = try watcher.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'")
+                let sleeping = try watcher.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep' AND query LIKE '%\(schema.name)%'")
                 if sleeping.int(row: 0, column: 0) == 1 { break }
                 try await Task.sleep(nanoseconds: 5_000_000)
             }
