@@ -154,7 +154,7 @@ struct FaultTests {
                 kafka: kafka, schema: schema, groupID: "shutdown-\(UUID().uuidString.prefix(8))",
                 extraIngest: "  shutdown_timeout: 3s")
             defer { try? FileManager.default.removeItem(at: config) }
-            try kafka.produce(FieldCaseTests.threeEvents(time: FieldCaseTests.nowText()))
+            try kafka.produce(GroupFieldCaseTests.threeEvents(time: GroupFieldCaseTests.nowText()))
 
             // The broker goes away; the worker cannot leave the group cleanly.
             let bounded = try TallyProcess(["run", "--config", config.path])
@@ -181,7 +181,7 @@ struct FaultTests {
                 RETURN NEW; END $$
                 """)
             try schema.query("CREATE TRIGGER slow BEFORE INSERT ON {s}.ledger FOR EACH ROW EXECUTE FUNCTION {s}.slow()")
-            try kafka.produce([apiCall("slow", time: FieldCaseTests.nowText())])
+            try kafka.produce([apiCall("slow", time: GroupFieldCaseTests.nowText())])
             let impatient = try TallyProcess(["run", "--config", config.path])
             defer { impatient.cleanUp() }
             try await impatient.waitForLog("usage[0]@3")

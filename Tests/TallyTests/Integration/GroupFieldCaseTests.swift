@@ -45,8 +45,8 @@ func waitUntil(
 /// The cases from the field that issue 4 lists: rebalances, zombies, start positions,
 /// retention, crashes around COMMIT and transient database errors. Each comes from a public
 /// bug report against a Kafka-to-database pipeline.
-@Suite("Field cases")
-struct FieldCaseTests {
+@Suite("Field cases: consumer groups and faults")
+struct GroupFieldCaseTests {
     /// A group whose members give up a partition quickly: librdkafka needs
     /// `max.poll.interval.ms` of at least `session.timeout.ms`, and the mock cluster a session
     /// of at least 6 s.
