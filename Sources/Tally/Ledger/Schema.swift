@@ -18,7 +18,9 @@ enum Schema {
     static let migrations: [Migration] = [
         Migration(
             version: 1, description: "ledger, rollups, dedupe keys, duplicates, dead letters and offsets", sql: version1
-        )
+        ),
+        Migration(
+            version: 4, description: "backfill runs, dead-letter replay and the usage function", sql: version4),
     ]
 
     static var latestVersion: Int { migrations.last!.version }
