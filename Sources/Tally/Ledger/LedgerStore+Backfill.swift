@@ -319,8 +319,17 @@ extension LedgerStore {
             ])
         try connection.execute(
             "UPDATE \(schema).backfill_runs SET updated_at = now() WHERE id = $1", [.text(String(runID))])
-        // NOTE: the batch record with backfill_run set is written here once the batches table exists.
-        _ = fromOffset
+        try connection.execute(
+            """
+            INSERT INTO \(schema).batches
+                (topic, partition, from_offset, next_offset, accepted, duplicates, dead_letters, backfill_run)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+            """,
+            [
+                .text(partition.topic), .text(String(partition.partition)), .text(String(fromOffset)),
+                .text(String(nextOffset)), .text(String(counts.accepted)), .text(String(counts.duplicates)),
+                .text(String(counts.deadLetters)), .text(String(runID)),
+            ])
     }
 
     /// Sums the readings of the given ledger rows per meter, subject and minute: what a dry run

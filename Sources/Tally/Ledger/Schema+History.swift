@@ -40,6 +40,9 @@ extension Schema {
             CHECK (from_offset <= next_offset AND next_offset <= to_offset)
         );
 
+        ALTER TABLE {schema}.batches
+            ADD FOREIGN KEY (backfill_run) REFERENCES {schema}.backfill_runs (id);
+
         -- A dead letter that `tally dead-letters replay` re-drove successfully keeps its row,
         -- with a link to the ledger row of its event: a new row, or the one it duplicates.
         -- The offset's outcome is then that ledger row or a row in `duplicates`.
