@@ -86,7 +86,9 @@ public final class Backfill {
     /// Called on the backfill's thread after each committed batch.
     public var onProgress: (BackfillProgress) -> Void = { _ in }
 
-    public init(configuration: Configuration, clock: any TallyClock = SystemClock(), logger: Logger, stopSignal: StopSignal) {
+    public init(
+        configuration: Configuration, clock: any TallyClock = SystemClock(), logger: Logger, stopSignal: StopSignal
+    ) {
         self.configuration = configuration
         self.clock = clock
         self.logger = logger
@@ -99,13 +101,19 @@ public final class Backfill {
         self.batchMaxMessages = configuration.ingest.batchMaxMessages
     }
 
-    /// The consumer properties of a backfill: the configured ones without the group, with
-    /// end-of-partition events so that a range that ends in offsets without a message is seen
-    /// to end.
+    /// The consumer properties of a backfill: the configured ones with another group id and
+    /// end-of-partition events, so that a range that ends in offsets without a message is seen
+    /// to end. librdkafka's `assign` needs a group id, but a consumer that never subscribes
+    /// joins no group, and with auto-commit off (as `consumerProperties` sets it) it commits
+    /// nothing.
     var consumerProperties: [(String, String)] {
-        var properties = configuration.kafka.consumerProperties.filter { $0.0 != "group.id" && $0.0 != "enable.partition.eof" }
-        properties.append(("enable.partition.eof", "true"))
-        properties.append(("client.id", "tally-backfill"))
+        var properties = configuration.kafka.consumerProperties.filter {
+            !["group.id", "enable.partition.eof", "client.id", "enable.auto.commit"].contains($0.0)
+        }
+        properties += [
+            ("group.id", configuration.kafka.groupID + ".backfill"), ("enable.auto.commit", "false"),
+            ("enable.partition.eof", "true"), ("client.id", "tally-backfill"),
+        ]
         return properties
     }
 
@@ -168,8 +176,10 @@ public final class Backfill {
         var ranges: [BackfillPartition] = []
         for partition in partitions {
             let marks = try consumer.watermarks(topic: request.topic, partition: partition, timeoutMilliseconds: 10_000)
-            let from = try resolve(request.from, topic: request.topic, partition: partition, marks: marks, consumer: consumer)
-            var to = try resolve(request.to, topic: request.topic, partition: partition, marks: marks, consumer: consumer)
+            let from = try resolve(
+                request.from, topic: request.topic, partition: partition, marks: marks, consumer: consumer)
+            var to = try resolve(
+                request.to, topic: request.topic, partition: partition, marks: marks, consumer: consumer)
             if case .offset(let last) = request.to { to = last + 1 }
             let start = max(from, marks.low)
             if from < marks.low {
@@ -246,7 +256,9 @@ public final class Backfill {
             let messages = pending.removeValue(forKey: partition) ?? []
             guard nextOffset > range.nextOffset else { return }
             let now = clock.now()
-            let validated = messages.map { ValidatedMessage(message: $0, outcome: validator.validate($0.value, now: now)) }
+            let validated = messages.map {
+                ValidatedMessage(message: $0, outcome: validator.validate($0.value, now: now))
+            }
             let summary = try writeWithRetry(
                 validated, run: run, partition: partition, from: range.nextOffset, to: nextOffset, now: now,
                 store: store, dryRun: dryRun)
@@ -297,13 +309,16 @@ public final class Backfill {
             case .error(let error, let position):
                 if error.isPartitionEOF, let position {
                     let partition = PartitionID(topic: position.topic, partition: position.partition)
-                    if let index = open[partition], let offset = position.offset, offset >= run.partitions[index].toOffset {
+                    if let index = open[partition], let offset = position.offset,
+                        offset >= run.partitions[index].toOffset
+                    {
                         try finish(partition)
                     }
                 } else if error.isFatal {
                     throw error
                 } else {
-                    logger.rateLimited(.warning, "Kafka consumer error during backfill", intervalSeconds: 10, ["error": error])
+                    logger.rateLimited(
+                        .warning, "Kafka consumer error during backfill", intervalSeconds: 10, ["error": error])
                 }
             }
         }
@@ -356,7 +371,10 @@ public final class Backfill {
                     }
                     logger.info(
                         "transaction conflict in a backfill batch; retrying",
-                        ["backfill.run": run.id, "kafka.partition": partition.partition, "pg.sqlstate": failure.sqlState ?? ""])
+                        [
+                            "backfill.run": run.id, "kafka.partition": partition.partition,
+                            "pg.sqlstate": failure.sqlState ?? "",
+                        ])
                 }
             }
         }

@@ -211,7 +211,9 @@ extension LedgerStore {
                 """,
                 [.text(String(runID)), .text(partition.topic), .text(String(partition.partition))])
             guard progress.rowCount == 1, progress.int(row: 0, column: 0)! == expectedNextOffset else {
-                throw BatchWriteError.staleOffsets([partition: progress.rowCount == 1 ? progress.int(row: 0, column: 0) : nil])
+                throw BatchWriteError.staleOffsets([
+                    partition: progress.rowCount == 1 ? progress.int(row: 0, column: 0) : nil
+                ])
             }
 
             var summary = BackfillBatchSummary()

@@ -75,10 +75,14 @@ extension LedgerStore {
     /// Decides the outcome of every message and writes its ledger row and rollup readings,
     /// duplicate row or dead letter, inside the caller's transaction. The batch writer, backfill
     /// and dead-letter replay share this step, so an event has one path into the ledger.
-    func writeOutcomes(_ messages: [ValidatedMessage], now: EventTime, limits: ValidationLimits, options: OutcomeOptions = OutcomeOptions())
+    func writeOutcomes(
+        _ messages: [ValidatedMessage], now: EventTime, limits: ValidationLimits,
+        options: OutcomeOptions = OutcomeOptions()
+    )
         throws -> [MessageOutcome]
     {
-        let outcomes = try classify(messages, now: now, limits: limits, reclaimOrphanedKeys: options.reclaimOrphanedKeys)
+        let outcomes = try classify(
+            messages, now: now, limits: limits, reclaimOrphanedKeys: options.reclaimOrphanedKeys)
         try insertLedgerRows(messages, outcomes: outcomes)
         try upsertRollups(messages, outcomes: outcomes)
         try insertDuplicates(messages, outcomes: outcomes)
