@@ -15,6 +15,12 @@ public enum TallyCommand {
           run          Run the ingest worker until SIGTERM or SIGINT.
           migrate      Create or upgrade the PostgreSQL schema.
           stats        Print stored offsets, outcome counts and meter totals.
+          backfill     Rerun a range of a topic from its offsets; list and resume runs.
+          rebuild      Recompute a meter's rollups over a time range from the ledger.
+          dead-letters List, show and replay dead letters (list, show ID, replay).
+          reconcile    Check that Kafka, the ledger and the rollups account for each other.
+          usage        Print a meter's usage per minute, hour, day or month in a time zone.
+          events       List the ledger rows of one subject and time range.
           dev-broker   Serve librdkafka's mock Kafka cluster on loopback (demos and tests only).
 
         Run 'tally <command> --help' for the options of a command.
@@ -35,6 +41,7 @@ public enum TallyCommand {
         case "migrate": command = MigrateCommand.self
         case "stats": command = StatsCommand.self
         case "dev-broker": command = DevBrokerCommand.self
+        case "backfill": command = BackfillCommand.self
         case "--help", "-h", "help":
             print(usage)
             return 0
