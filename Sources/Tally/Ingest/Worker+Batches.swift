@@ -14,6 +14,7 @@ extension Worker {
 
         let now = clock.now()
         let batch = messages.map { ValidatedMessage(message: $0, outcome: validator.validate($0.value, now: now)) }
+        observer.batchValidated(batch.count)
         write(batch, validatedAt: now)
     }
 
