@@ -33,9 +33,9 @@ extension Worker {
     /// result exact. Pausing the partitions and polling on would keep the membership.
     ///
     /// `isolated` marks one message written alone after its batch failed. When it keeps failing
-    /// for a reason other than a lost connection, its partition is set aside: the worker goes
-    /// back to the partition's stored offset and reads it again later, so that the other
-    /// partitions of the batch go on.
+    /// for a reason other than a lost connection, its partition is set aside. The worker goes
+    /// back to the partition's stored offset and reads it again later, and the other partitions
+    /// of the batch go on.
     @discardableResult
     private func write(_ batch: [ValidatedMessage], validatedAt: EventTime, isolated: Bool = false) -> WriteResult {
         var retry = RetryState(batch: batch.filter(isUnwritten), validatedAt: validatedAt, isolated: isolated)

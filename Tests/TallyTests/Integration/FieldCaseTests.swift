@@ -403,7 +403,7 @@ struct FieldCaseTests {
     /// The 7 bytes ` {"id":` that no JSON parser accepts.
     static let poison: [UInt8] = Array(#" {"id":"#.utf8)
 
-    /// p0 holds b1, the poison message and b3. p1 holds c0..c99.
+    /// Produces b1, the poison message and b3 to p0, and c0..c99 to p1.
     private func producePoisonCase(_ kafka: TestKafka) throws {
         #expect(Self.poison.count == 7)
         try kafka.produce([
@@ -543,7 +543,8 @@ func time(_ text: String) throws -> EventTime {
     try EventTime.parseRFC3339(text)
 }
 
-/// The value a meter reads from its rollup for one subject and minute: the sum, or the count for `calls`.
+/// Returns the value a meter reads from its rollup for one subject and minute: the sum, or the
+/// count for `calls`.
 func rollup(_ schema: TestSchema, _ meter: String, _ subject: String, minute: String = "2025-01-15T12:00:00Z")
     throws -> String?
 {
@@ -553,7 +554,7 @@ func rollup(_ schema: TestSchema, _ meter: String, _ subject: String, minute: St
     return rows.first?[0] ?? nil
 }
 
-/// The rollups of one meter as (subject, minute in UTC, value), in that order.
+/// Returns the rollups of one meter as (subject, minute in UTC, value), in that order.
 func rollups(_ schema: TestSchema, _ meter: String) throws -> [[String?]] {
     try schema.query(
         """
@@ -563,14 +564,14 @@ func rollups(_ schema: TestSchema, _ meter: String) throws -> [[String?]] {
         """, [meter])
 }
 
-/// The dead letters as (partition, offset, reason), in Kafka order.
+/// Returns the dead letters as (partition, offset, reason), in Kafka order.
 func deadLetters(_ schema: TestSchema) throws -> [[String?]] {
     try schema.query(
         "SELECT kafka_partition::text, kafka_offset::text, reason FROM {s}.dead_letters ORDER BY kafka_partition, kafka_offset"
     )
 }
 
-/// The ledger's event ids with their times in UTC, to the microsecond.
+/// Returns the ledger's event ids with their times in UTC, to the microsecond.
 func eventTimes(_ schema: TestSchema) throws -> [[String?]] {
     try schema.query(
         """
