@@ -177,13 +177,21 @@ final class RunningWorker: @unchecked Sendable {
     private let hasStopped = Mutex(false)
     private let settings: PostgresSettings
 
+    /// The number of messages the worker has validated, retries not counted again.
+    var validatedCount: Int { validated.withLock { $0 } }
+    private let validated = Mutex(0)
+
     init(configuration: Configuration, clock: any TallyClock, logger: Logger = Logger(level: .warning)) {
         let stopSignal = self.stopSignal
         settings = configuration.postgres
         let thread = Thread { [self] in
-            let observer = Worker.Observer(partitionsAssigned: { partitions in
-                self.assignedCount.withLock { $0 += partitions.count }
-            })
+            let observer = Worker.Observer(
+                partitionsAssigned: { partitions in
+                    self.assignedCount.withLock { $0 += partitions.count }
+                },
+                batchValidated: { count in
+                    self.validated.withLock { $0 += count }
+                })
             let worker = Worker(
                 configuration: configuration, clock: clock, logger: logger, stopSignal: stopSignal, observer: observer)
             do {
@@ -266,14 +274,16 @@ func standardMeters() throws -> [Meter] {
     ]
 }
 
-/// Runs a worker until it has written everything produced so far, then stops it.
+/// Runs a worker until it has written everything produced so far, then stops it. Returns the
+/// number of messages it validated.
+@discardableResult
 func ingestAll(
     kafka: TestKafka, schema: TestSchema, clock: any TallyClock, meters: [Meter]? = nil,
-    configure: (inout Configuration) -> Void = { _ in }
-) async throws {
+    logger: Logger = Logger(level: .warning), configure: (inout Configuration) -> Void = { _ in }
+) async throws -> Int {
     var configuration = try testConfiguration(kafka: kafka, schema: schema, meters: meters)
     configure(&configuration)
-    let worker = RunningWorker(configuration: configuration, clock: clock)
+    let worker = RunningWorker(configuration: configuration, clock: clock, logger: logger)
     do {
         try await worker.waitUntilCaughtUp(with: kafka)
     } catch {
@@ -281,6 +291,7 @@ func ingestAll(
         throw error
     }
     try worker.stop()
+    return worker.validatedCount
 }
 
 /// `E(id, subject, quantity, time)`: an `api.call` CloudEvent with no whitespace.
