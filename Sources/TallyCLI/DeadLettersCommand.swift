@@ -1,7 +1,7 @@
 import JSON
 import Tally
 
-/// `tally dead-letters list|show|replay`.
+/// The subcommands `tally dead-letters list|show|replay`.
 enum DeadLettersCommand {
     static let help = """
         Usage: tally dead-letters list [FILTER] [--limit N] [--resolved] [--json]
@@ -169,7 +169,8 @@ enum DeadLettersShowCommand: Command {
         return 0
     }
 
-    /// `name (N bytes, text):` and the text, or `(N bytes, hex):` and the hexadecimal digits.
+    /// Formats bytes as `name (N bytes, text):` and the text, or as `name (N bytes, hex):` and
+    /// the hexadecimal digits when they are not valid UTF-8.
     static func rendered(_ name: String, _ bytes: [UInt8]?) -> String {
         guard let bytes else { return "\(name): null" }
         if let text = String(validating: bytes, as: UTF8.self) {

@@ -169,7 +169,7 @@ func outputFormat(_ arguments: ParsedArguments) throws -> String {
     return format
 }
 
-/// RFC 4180 CSV: fields with a comma, quote or line break are quoted, quotes doubled.
+/// Formats rows as RFC 4180 CSV: fields with a comma, quote or line break are quoted, quotes doubled.
 func csv(_ rows: [[String]]) -> String {
     rows.map { row in
         row.map { field in

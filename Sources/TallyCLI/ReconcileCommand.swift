@@ -159,6 +159,7 @@ enum ReconcileCommand: Command {
             writer.endObject()
         }
         writer.endArray()
+
         writer.key("rollups")
         writer.beginObject()
         writer.field("from", report.rollupFrom.rfc3339)
@@ -179,6 +180,7 @@ enum ReconcileCommand: Command {
         }
         writer.endArray()
         writer.endObject()
+
         writer.field("duplicate_id_conflicts", report.conflicts)
         writer.field("too_late", report.tooLate)
         writer.endObject()

@@ -164,7 +164,12 @@ public final class Backfill {
     // MARK: Ranges
 
     func resolveRanges(_ request: BackfillRequest, consumer: KafkaConsumer) throws -> [BackfillPartition] {
-        let counts = try consumer.partitionCounts(topics: [request.topic], timeoutMilliseconds: 10_000)
+        let counts: [String: Int]
+        do {
+            counts = try consumer.partitionCounts(topics: [request.topic], timeoutMilliseconds: 10_000)
+        } catch {
+            throw BackfillError("cannot reach the Kafka brokers at \(configuration.kafka.brokers): \(error)")
+        }
         guard let count = counts[request.topic] else {
             throw BackfillError("topic \(request.topic) does not exist on the brokers")
         }
@@ -380,8 +385,8 @@ public final class Backfill {
         }
     }
 
-    /// A concurrent writer recorded an outcome for one of the batch's offsets first; a retry
-    /// counts it as already recorded.
+    /// Returns whether a concurrent writer recorded an outcome for one of the batch's offsets
+    /// first. A retry then counts that offset as already recorded.
     private func isUniqueViolation(_ error: PostgresError) -> Bool {
         error.sqlState == "23505"
     }

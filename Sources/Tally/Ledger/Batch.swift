@@ -87,7 +87,7 @@ struct PartitionSpan {
     var startOffset: Int64 { expectedStoredOffset ?? firstOffset }
 }
 
-/// How `writeOutcomes` treats a batch that does not come from the live consumer group.
+/// The options of `writeOutcomes` for a batch that does not come from the live consumer group.
 struct OutcomeOptions {
     /// Treats an idempotency key whose ledger row no longer exists as not accepted: its claims
     /// are deleted and the event is accepted again. Backfill and replay set it, so that

@@ -21,7 +21,7 @@ public struct BackfillPartition: Sendable, Equatable {
     public var isDone: Bool { nextOffset >= toOffset }
 }
 
-/// What a backfill did with the messages it read.
+/// The counts of a backfill: the outcome of each message it read.
 public struct BackfillCounts: Sendable, Equatable {
     public var accepted: Int64 = 0
     /// Events whose idempotency key was accepted before, at another offset.
@@ -187,7 +187,7 @@ extension LedgerStore {
     /// two outcomes. The stored offsets themselves are only read. Idempotency keys whose
     /// ledger row was deleted are claimed again, so that removed events can be restored.
     ///
-    /// With `ownTransaction` false the caller holds a transaction, as a dry run does, and
+    /// With `ownTransaction` false, the caller has opened a transaction, as a dry run does, and
     /// this writes into it without committing.
     public func writeBackfillBatch(
         _ messages: [ValidatedMessage], runID: Int64, partition: PartitionID, expectedNextOffset: Int64,

@@ -3,7 +3,7 @@ import JSON
 import Kafka
 import Postgres
 
-/// Which dead letters a list or replay takes.
+/// A selection of dead letters for a list or a replay.
 public struct DeadLetterFilter: Sendable {
     public var reasons: [String] = []
     public var topic: String?
@@ -41,7 +41,7 @@ public struct DeadLetterDetail: Sendable {
     public var kafkaTimestamp: String?
 }
 
-/// What one replay did.
+/// The counts of one replay.
 public struct ReplaySummary: Sendable, Equatable {
     /// Dead letters whose event is now in the ledger as a new row.
     public var accepted = 0
@@ -98,9 +98,9 @@ extension LedgerStore {
     /// dead letter with the new reason. Resolved dead letters are never taken again, so a
     /// second replay adds nothing.
     ///
-    /// NOTE: the per-partition counters in `partition_offsets` and `dead_letter_counts` count
-    /// what the live workers decided and are not changed by a replay; `tally reconcile` counts
-    /// from the rows instead.
+    /// NOTE: a replay does not change the per-partition counters in `partition_offsets` and
+    /// `dead_letter_counts`, which count what the live workers decided. `tally reconcile`
+    /// counts from the rows instead.
     public func replayDeadLetters(
         _ filter: DeadLetterFilter, validator: EventValidator, now: EventTime, batchSize: Int = 500
     ) throws -> ReplaySummary {
@@ -233,7 +233,7 @@ extension LedgerStore {
     }
 }
 
-/// A PostgreSQL array literal of text values, each quoted and escaped.
+/// Formats text values as a PostgreSQL array literal, each value quoted and escaped.
 func postgresArray(_ values: [String]) -> String {
     let quoted = values.map { value in
         "\"" + value.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "\"", with: "\\\"") + "\""

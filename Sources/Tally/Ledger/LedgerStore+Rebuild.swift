@@ -1,7 +1,7 @@
 import JSON
 import Postgres
 
-/// What a rebuild changed.
+/// The changes of one rebuild.
 public struct RebuildSummary: Sendable, Equatable {
     /// Ledger rows of the meter's event type in the range.
     public var events = 0

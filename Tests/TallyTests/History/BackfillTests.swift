@@ -6,7 +6,7 @@ import Testing
 /// `Backfill` against librdkafka's mock cluster and a real PostgreSQL, next to the worker.
 @Suite("Backfill")
 struct BackfillTests {
-    /// The ledger as comparable text: every column except the ids and the ingest time.
+    /// Returns the ledger as comparable text: every column except the ids and the ingest time.
     static func ledgerSnapshot(_ schema: TestSchema) throws -> [[String?]] {
         try schema.query(
             """
@@ -16,7 +16,7 @@ struct BackfillTests {
             """)
     }
 
-    /// The rollups without the ledger id of the latest value, which a restored row changes.
+    /// Returns the rollups without the ledger id of the latest value, which a restored row changes.
     static func rollupSnapshot(_ schema: TestSchema) throws -> [[String?]] {
         try schema.query(
             """

@@ -4,7 +4,7 @@ import Testing
 /// Dead-letter listing and replay after a configuration fix.
 @Suite("DeadLetterReplay")
 struct DeadLetterReplayTests {
-    /// A meter that reads `$.data.tokens`, which the producer does not send: every api.call
+    /// Returns a meter that reads `$.data.tokens`, which the producer does not send: every api.call
     /// becomes a dead letter invalid_value.
     static func brokenMeters() throws -> [Meter] {
         [Meter(slug: "api_calls", eventType: "api.call", aggregation: .sum, valuePath: try JSONPath("$.data.tokens"))]

@@ -5,7 +5,7 @@ import Testing
 /// `rebuildRollups` over ledger rows written by the worker.
 @Suite("Rebuild")
 struct RebuildTests {
-    /// A meter added after ingest: the largest quantity per subject and model.
+    /// Returns a meter added after ingest: the largest quantity per subject and model.
     static func largestCall() throws -> Meter {
         Meter(
             slug: "largest_call", eventType: "api.call", aggregation: .max, valuePath: try JSONPath("$.data.quantity"),

@@ -148,7 +148,7 @@ struct UsageFunctionTests {
     @Test func aggregationsCombineMinutes() async throws {
         try await withTestSchema { schema in
             try insertReadings(schema)
-            // Two minutes of one hour for each meter. The later minute holds the lower latest
+            // Two minutes of one hour for each meter. The later minute has the lower latest
             // value, and its max is lower than the earlier one's.
             for (meter, minute, count, sum, low, high, latest, latestTime) in [
                 ("peak", "2025-05-01T10:01Z", 2, "12", "3", "9", "3", "2025-05-01T10:01:30Z"),

@@ -62,7 +62,7 @@ final class TestSchema {
 
     /// Checks the invariants that the batch transaction keeps. Every rollup equals its ledger
     /// rows. Every offset below each stored offset has exactly one outcome or lies in a recorded
-    /// gap; a dead letter resolved by a replay is replaced by its ledger or duplicate row. No
+    /// gap. A dead letter resolved by a replay is replaced by its ledger or duplicate row. No
     /// message is both accepted and dead-lettered. The live batch records of each
     /// partition chain from its first offset to its stored offset.
     func expectInvariants(sourceLocation: SourceLocation = #_sourceLocation) throws {
