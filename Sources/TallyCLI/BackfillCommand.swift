@@ -22,7 +22,7 @@ enum BackfillCommand: Command {
 
         Each run is recorded in PostgreSQL with its range, progress and counts per partition,
         in the transactions that write its batches. SIGTERM or SIGINT stops a run after the
-        batch in flight; --resume ID continues it.
+        batch in flight and exits with status 1; --resume ID continues it.
 
         Options:
           --topic TOPIC          The topic to read.

@@ -264,7 +264,7 @@ public final class Backfill {
             let validated = messages.map {
                 ValidatedMessage(message: $0, outcome: validator.validate($0.value, now: now))
             }
-            let summary = try writeWithRetry(
+            let summary = try writeIsolatingRejectedContent(
                 validated, run: run, partition: partition, from: range.nextOffset, to: nextOffset, now: now,
                 store: store, dryRun: dryRun)
             run.partitions[index].nextOffset = nextOffset
@@ -349,6 +349,52 @@ public final class Backfill {
                 "dead_letters": run.counts.deadLetters,
             ])
         return BackfillResult(run: try store.backfillRuns(id: run.id).first ?? run, stopped: stopped)
+    }
+
+    /// Writes one batch. When PostgreSQL rejects an event's content (SQLSTATE class 22 or 54),
+    /// it writes the batch one message at a time and stores the rejected event as a dead letter
+    /// `storage_rejected`, as the worker does. A dry run has one transaction, which the
+    /// rejection aborts, so it stops with the error instead.
+    private func writeIsolatingRejectedContent(
+        _ messages: [ValidatedMessage], run: BackfillRun, partition: PartitionID, from: Int64, to: Int64,
+        now: EventTime, store: LedgerStore, dryRun: Bool
+    ) throws -> BackfillBatchSummary {
+        do {
+            return try writeWithRetry(
+                messages, run: run, partition: partition, from: from, to: to, now: now, store: store, dryRun: dryRun)
+        } catch let error as PostgresError where !dryRun && (error.sqlStateClass == "22" || error.sqlStateClass == "54")
+        {
+            if messages.count > 1 {
+                logger.warning(
+                    "PostgreSQL rejected a backfill batch; writing its messages one at a time",
+                    ["backfill.run": run.id, "kafka.partition": partition.partition, "error": error])
+                var total = BackfillBatchSummary()
+                var start = from
+                for (index, single) in messages.enumerated() {
+                    let end = index == messages.count - 1 ? to : single.message.offset + 1
+                    let part = try writeIsolatingRejectedContent(
+                        [single], run: run, partition: partition, from: start, to: end, now: now, store: store,
+                        dryRun: dryRun)
+                    total.counts = total.counts + part.counts
+                    total.acceptedLedgerIDs += part.acceptedLedgerIDs
+                    start = end
+                }
+                return total
+            }
+            guard let single = messages.first else { throw error }
+            if case .rejected(let rejection) = single.outcome, rejection.reason == .storageRejected { throw error }
+            logger.error(
+                "PostgreSQL rejected an event; storing it as a dead letter",
+                [
+                    "error": error, "backfill.run": run.id, "kafka.topic": partition.topic,
+                    "kafka.partition": partition.partition, "kafka.offset": single.message.offset,
+                ])
+            let rejection = Rejection(
+                .storageRejected, "PostgreSQL rejected the event: \(error)", eventKey: single.acceptedKey)
+            return try writeWithRetry(
+                [ValidatedMessage(message: single.message, outcome: .rejected(rejection))], run: run,
+                partition: partition, from: from, to: to, now: now, store: store, dryRun: dryRun)
+        }
     }
 
     /// Writes one batch, retrying serialization failures and deadlocks a few times. Other

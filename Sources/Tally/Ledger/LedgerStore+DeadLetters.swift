@@ -98,6 +98,11 @@ extension LedgerStore {
     /// dead letter with the new reason. Resolved dead letters are never taken again, so a
     /// second replay adds nothing.
     ///
+    /// NOTE: an event that PostgreSQL rejects again (SQLSTATE class 22 or 54, the dead letters
+    /// `storage_rejected`) fails its whole replay batch, and the replay stops with that error;
+    /// exclude that reason from the filter. It is not isolated one message at a time as in
+    /// the worker and in backfill.
+    ///
     /// NOTE: a replay does not change the per-partition counters in `partition_offsets` and
     /// `dead_letter_counts`, which count what the live workers decided. `tally reconcile`
     /// counts from the rows instead.

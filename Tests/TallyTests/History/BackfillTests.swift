@@ -232,6 +232,33 @@ struct BackfillTests {
         }
     }
 
+    @Test func rejectedContentBecomesADeadLetter() async throws {
+        try await withTestSchema { schema in
+            let kafka = try TestKafka()
+            let meters = try WorkerFailureTests.wideMeters()
+            try kafka.produce([apiCall("a"), WorkerFailureTests.poisonEvent(id: "poison", subject: "c"), apiCall("b")])
+            try await ingestAll(kafka: kafka, schema: schema, clock: try clockNearT0(), meters: meters)
+            // Everything lost: the ledger rows, their rollups and the dead letter.
+            try schema.query("DELETE FROM {s}.ledger")
+            try schema.query("DELETE FROM {s}.rollups")
+            try schema.query("DELETE FROM {s}.dead_letters")
+
+            let backfill = Backfill(
+                configuration: try testConfiguration(kafka: kafka, schema: schema, meters: meters),
+                clock: try clockNearT0(), logger: schema.logger, stopSignal: StopSignal())
+            let result = try backfill.start(BackfillRequest(topic: "usage"))
+
+            #expect(result.run.counts.accepted == 2)
+            #expect(result.run.counts.deadLetters == 1)
+            #expect(try schema.query("SELECT event_id FROM {s}.ledger ORDER BY kafka_offset") == [["a"], ["b"]])
+            #expect(
+                try schema.query("SELECT kafka_offset::text, reason, event_id FROM {s}.dead_letters") == [
+                    ["1", "storage_rejected", "poison"]
+                ])
+            try schema.expectInvariants()
+        }
+    }
+
     @Test func timeLookupWithoutAnOffsetIsAnError() async throws {
         try await withTestSchema { schema in
             let kafka = try TestKafka()
