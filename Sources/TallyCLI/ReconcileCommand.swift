@@ -15,7 +15,7 @@ enum ReconcileCommand: Command {
         hours) are recomputed from the ledger and compared with the stored ones, by meter,
         subject and minute. Duplicate-id conflicts and too_late dead letters are counted.
 
-        The exit status is 0 when every check holds and 1 otherwise, so it can run from cron or
+        The exit status is 0 when every check passes and 1 otherwise, so it can run from cron or
         CI. Conflicts and late events are reported but are not failures.
 
         Options:
@@ -62,7 +62,7 @@ enum ReconcileCommand: Command {
         }
 
         print(arguments.has("json") ? renderJSON(report) : renderText(report))
-        return report.holds ? 0 : 1
+        return report.passes ? 0 : 1
     }
 
     static func rangesText(_ ranges: [ClosedRange<Int64>]) -> String {
@@ -87,7 +87,7 @@ enum ReconcileCommand: Command {
                 partition.lag.map(String.init) ?? "-", String(partition.expected), String(partition.processed),
                 String(partition.accepted), String(partition.duplicates), String(partition.deadLetters),
                 String(partition.gapOffsets), partition.missing.isEmpty ? "-" : rangesText(partition.missing),
-                partition.doubled.isEmpty ? "-" : rangesText(partition.doubled), partition.holds ? "ok" : "FAILED",
+                partition.doubled.isEmpty ? "-" : rangesText(partition.doubled), partition.passes ? "ok" : "FAILED",
             ])
             for problem in partition.batchProblems {
                 lines.append("FAILED \(partition.partition): \(problem)")
@@ -113,7 +113,7 @@ enum ReconcileCommand: Command {
             text += "\n" + StatsCommand.table(differences)
         }
         text += "\n\nConflicts (duplicate_id_conflict): \(report.conflicts)   Late events (too_late): \(report.tooLate)"
-        text += "\n\n" + (report.holds ? "RESULT ok: every check holds" : "RESULT FAILED")
+        text += "\n\n" + (report.passes ? "RESULT ok: every check passed" : "RESULT FAILED")
         return text
     }
 
@@ -121,7 +121,7 @@ enum ReconcileCommand: Command {
         let writer = JSONWriter()
         writer.beginObject()
         writer.key("ok")
-        writer.bool(report.holds)
+        writer.bool(report.passes)
         writer.key("partitions")
         writer.beginArray()
         for partition in report.partitions {
@@ -155,7 +155,7 @@ enum ReconcileCommand: Command {
             for problem in partition.batchProblems { writer.string(problem) }
             writer.endArray()
             writer.key("ok")
-            writer.bool(partition.holds)
+            writer.bool(partition.passes)
             writer.endObject()
         }
         writer.endArray()

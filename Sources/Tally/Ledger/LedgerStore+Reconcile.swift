@@ -27,7 +27,7 @@ public struct PartitionReconciliation: Sendable {
     /// The stored offset is past the log end, as after the topic was re-created.
     public var isBeyondLogEnd: Bool { watermarks.map { storedOffset > $0.high } ?? false }
 
-    public var holds: Bool {
+    public var passes: Bool {
         missing.isEmpty && doubled.isEmpty && batchProblems.isEmpty && processed == expected && !isBeyondLogEnd
     }
 }
@@ -54,7 +54,7 @@ public struct ReconcileReport: Sendable {
     public var conflicts: Int64 = 0
     public var tooLate: Int64 = 0
 
-    public var holds: Bool { partitions.allSatisfy(\.holds) && rollupDifferenceCount == 0 }
+    public var passes: Bool { partitions.allSatisfy(\.passes) && rollupDifferenceCount == 0 }
 }
 
 extension LedgerStore {

@@ -32,7 +32,7 @@ struct ReconcileTests {
             try await Self.ingestHealthy(kafka, schema)
             let report = try reconcile(schema)
 
-            #expect(report.holds)
+            #expect(report.passes)
             #expect(report.partitions.map(\.processed) == [5, 2])
             #expect(report.partitions.map(\.expected) == [5, 2])
             #expect(report.partitions.map(\.accepted) == [2, 2])
@@ -51,9 +51,9 @@ struct ReconcileTests {
             try schema.query("DELETE FROM {s}.ledger WHERE event_id = 'e4'")
             let report = try reconcile(schema)
 
-            #expect(!report.holds)
-            #expect(report.partitions[0].holds)
-            #expect(!report.partitions[1].holds)
+            #expect(!report.passes)
+            #expect(report.partitions[0].passes)
+            #expect(!report.partitions[1].passes)
             #expect(report.partitions[1].missing == [1...1])
             #expect(report.partitions[1].processed == 1)
             // The rollups of e4's minute no longer match the ledger either.
@@ -68,8 +68,8 @@ struct ReconcileTests {
             try schema.query("UPDATE {s}.rollups SET sum = sum + 1 WHERE meter = 'api_calls' AND subject = 'cust-2'")
             let report = try reconcile(schema)
 
-            #expect(!report.holds)
-            #expect(report.partitions.allSatisfy { $0.holds })
+            #expect(!report.passes)
+            #expect(report.partitions.allSatisfy { $0.passes })
             #expect(report.rollupDifferenceCount == 1)
             let difference = report.rollupDifferences.first
             #expect(difference?.minute == "2025-01-15T12:00Z")
@@ -96,7 +96,7 @@ struct ReconcileTests {
             let deleted = try schema.count("SELECT 9 - count(*) FROM {s}.batches WHERE partition = 1")
             let report = try reconcile(schema)
 
-            #expect(!report.holds)
+            #expect(!report.passes)
             #expect(report.partitions.map(\.partition.partition) == [1])
             #expect(report.partitions[0].missing.isEmpty)
             #expect(
