@@ -44,12 +44,30 @@ struct BackfillTests {
         try kafka.produce(values, partition: partition)
     }
 
-    func makeBackfill(_ kafka: TestKafka, _ schema: TestSchema, stopSignal: StopSignal = StopSignal()) throws
-        -> Backfill
+    /// Runs `action` on a backfill of its own thread and waits for it. A backfill blocks for
+    /// seconds, and on the cooperative pool it would hold a thread that other tests need.
+    func runBackfill(
+        _ kafka: TestKafka, _ schema: TestSchema, meters: [Meter]? = nil, batchMaxMessages: Int? = nil,
+        stopSignal: StopSignal = StopSignal(), onProgress: (@Sendable (BackfillProgress) -> Void)? = nil,
+        _ action: @escaping @Sendable (Backfill) throws -> BackfillResult
+    ) async throws -> BackfillResult {
+        let configuration = try testConfiguration(kafka: kafka, schema: schema, meters: meters)
+        let clock = try clockNearT0()
+        let logger = schema.logger
+        return try await onOwnThread {
+            let backfill = Backfill(configuration: configuration, clock: clock, logger: logger, stopSignal: stopSignal)
+            if let batchMaxMessages { backfill.batchMaxMessages = batchMaxMessages }
+            if let onProgress { backfill.onProgress = onProgress }
+            return try action(backfill)
+        }
+    }
+
+    func runBackfill(
+        _ kafka: TestKafka, _ schema: TestSchema, _ request: BackfillRequest = BackfillRequest(topic: "usage")
+    )
+        async throws -> BackfillResult
     {
-        Backfill(
-            configuration: try testConfiguration(kafka: kafka, schema: schema), clock: try clockNearT0(),
-            logger: schema.logger, stopSignal: stopSignal)
+        try await runBackfill(kafka, schema) { try $0.start(request) }
     }
 
     @Test func ingestedRangeAddsNothing() async throws {
@@ -60,7 +78,7 @@ struct BackfillTests {
             let ledger = try Self.ledgerSnapshot(schema)
             let rollups = try Self.rollupSnapshot(schema)
 
-            let result = try makeBackfill(kafka, schema).start(BackfillRequest(topic: "usage"))
+            let result = try await runBackfill(kafka, schema)
 
             #expect(result.run.status == .finished)
             #expect(result.run.counts.accepted == 0)
@@ -84,7 +102,7 @@ struct BackfillTests {
             try Self.removeMinute(schema)
             #expect(try schema.count("SELECT count(*) FROM {s}.ledger") == 20)
 
-            let result = try makeBackfill(kafka, schema).start(BackfillRequest(topic: "usage"))
+            let result = try await runBackfill(kafka, schema)
 
             #expect(result.run.counts.accepted == 10)
             #expect(result.run.counts.alreadyRecorded == 22)
@@ -93,7 +111,7 @@ struct BackfillTests {
             try schema.expectInvariants()
 
             // A second run finds every offset recorded.
-            let again = try makeBackfill(kafka, schema).start(BackfillRequest(topic: "usage"))
+            let again = try await runBackfill(kafka, schema)
             #expect(again.run.counts.accepted == 0)
             #expect(again.run.counts.alreadyRecorded == 32)
         }
@@ -112,7 +130,7 @@ struct BackfillTests {
             request.from = .offset(20)
             request.to = .offset(26)
             request.eventTimeFrom = try EventTime.parseRFC3339("2025-01-15T12:05:12Z")
-            let result = try makeBackfill(kafka, schema).start(request)
+            let result = try await runBackfill(kafka, schema, request)
 
             #expect(result.run.partitions.map(\.fromOffset) == [20])
             #expect(result.run.partitions.map(\.toOffset) == [27])
@@ -137,7 +155,7 @@ struct BackfillTests {
 
             var request = BackfillRequest(topic: "usage")
             request.dryRun = true
-            let result = try makeBackfill(kafka, schema).start(request)
+            let result = try await runBackfill(kafka, schema, request)
 
             #expect(result.run.counts.accepted == 10)
             #expect(
@@ -163,19 +181,18 @@ struct BackfillTests {
             try Self.removeMinute(schema)
 
             let stopSignal = StopSignal()
-            let first = try makeBackfill(kafka, schema, stopSignal: stopSignal)
-            first.batchMaxMessages = 4
-            first.onProgress = { progress in
-                if progress.doneOffsets >= 24 { stopSignal.request() }
-            }
-            let interrupted = try first.start(BackfillRequest(topic: "usage"))
+            let interrupted = try await runBackfill(
+                kafka, schema, batchMaxMessages: 4, stopSignal: stopSignal,
+                onProgress: { progress in
+                    if progress.doneOffsets >= 24 { stopSignal.request() }
+                }
+            ) { try $0.start(BackfillRequest(topic: "usage")) }
             #expect(interrupted.stopped)
             #expect(interrupted.run.status == .interrupted)
             #expect(interrupted.run.doneOffsets < 32)
 
-            let second = try makeBackfill(kafka, schema)
-            second.batchMaxMessages = 4
-            let resumed = try second.resume(runID: interrupted.run.id)
+            let runID = interrupted.run.id
+            let resumed = try await runBackfill(kafka, schema, batchMaxMessages: 4) { try $0.resume(runID: runID) }
 
             #expect(resumed.run.status == .finished)
             #expect(resumed.run.doneOffsets == 32)
@@ -213,12 +230,9 @@ struct BackfillTests {
             try kafka.produce((50..<100).map { apiCall("new-\($0)", "cust-9", "2") }, partition: 1)
 
             let worker = RunningWorker(configuration: try testConfiguration(kafka: kafka, schema: schema), clock: clock)
-            let backfill = try makeBackfill(kafka, schema)
-            backfill.batchMaxMessages = 5
-            // The backfill runs on its own thread while this task waits; nothing else touches it.
-            nonisolated(unsafe) let backfillOnItsThread = backfill
-            let result = try await Task.detached { try backfillOnItsThread.start(BackfillRequest(topic: "usage")) }
-                .value
+            let result = try await runBackfill(kafka, schema, batchMaxMessages: 5) {
+                try $0.start(BackfillRequest(topic: "usage"))
+            }
             try await worker.waitUntilCaughtUp(with: kafka)
             try worker.stop()
 
@@ -243,10 +257,9 @@ struct BackfillTests {
             try schema.query("DELETE FROM {s}.rollups")
             try schema.query("DELETE FROM {s}.dead_letters")
 
-            let backfill = Backfill(
-                configuration: try testConfiguration(kafka: kafka, schema: schema, meters: meters),
-                clock: try clockNearT0(), logger: schema.logger, stopSignal: StopSignal())
-            let result = try backfill.start(BackfillRequest(topic: "usage"))
+            let result = try await runBackfill(kafka, schema, meters: meters) {
+                try $0.start(BackfillRequest(topic: "usage"))
+            }
 
             #expect(result.run.counts.accepted == 2)
             #expect(result.run.counts.deadLetters == 1)
@@ -266,7 +279,7 @@ struct BackfillTests {
             var request = BackfillRequest(topic: "usage")
             request.from = .time(try EventTime.parseRFC3339("2025-01-15T12:00:00Z"))
             do {
-                _ = try makeBackfill(kafka, schema).start(request)
+                _ = try await runBackfill(kafka, schema, request)
                 Issue.record("the backfill started without an offset for the time")
             } catch let error as BackfillError {
                 #expect(error.description.contains("returned no offset (-1)"))
@@ -281,7 +294,7 @@ struct BackfillTests {
             let kafka = try TestKafka()
             var request = BackfillRequest(topic: "usage")
             request.partitions = [3]
-            #expect(throws: BackfillError.self) { try makeBackfill(kafka, schema).start(request) }
+            await #expect(throws: BackfillError.self) { try await runBackfill(kafka, schema, request) }
         }
     }
 }

@@ -307,3 +307,11 @@ func apiCall(
 func clockNearT0() throws -> ManualClock {
     ManualClock(try EventTime.parseRFC3339("2025-01-15T12:30:00Z"))
 }
+
+/// Runs blocking work on a thread of its own and waits for it without holding one of the few
+/// threads of Swift's cooperative pool, which other tests running in parallel need.
+func onOwnThread<Value: Sendable>(_ body: @escaping @Sendable () throws -> Value) async throws -> Value {
+    try await withCheckedThrowingContinuation { continuation in
+        Thread { continuation.resume(with: Result { try body() }) }.start()
+    }
+}
