@@ -142,7 +142,7 @@ public final class Backfill {
             topic: request.topic, rangeDescription: description, eventTimeFrom: request.eventTimeFrom,
             eventTimeTo: request.eventTimeTo, partitions: ranges)
         logger.info("backfill started", ["backfill.run": id, "kafka.topic": request.topic, "range": description])
-        return try process(try store.backfillRuns(id: id)[0], store: store, consumer: consumer, dryRun: false)
+        return try processMarkingFailures(try store.backfillRuns(id: id)[0], store: store, consumer: consumer)
     }
 
     /// Continues a run that was interrupted, from its recorded progress.
@@ -158,7 +158,23 @@ public final class Backfill {
         try store.setBackfillStatus(runID, .running)
         logger.info("backfill resumed", ["backfill.run": runID, "offsets.done": run.doneOffsets])
         let consumer = try KafkaConsumer(properties: consumerProperties)
-        return try process(run, store: store, consumer: consumer, dryRun: false)
+        return try processMarkingFailures(run, store: store, consumer: consumer)
+    }
+
+    /// Processes a recorded run, and marks it interrupted when that fails, so that `--list`
+    /// shows it as one to resume. Marking it is best effort: PostgreSQL may be the failure.
+    private func processMarkingFailures(_ run: BackfillRun, store: LedgerStore, consumer: KafkaConsumer) throws
+        -> BackfillResult
+    {
+        do {
+            return try process(run, store: store, consumer: consumer, dryRun: false)
+        } catch {
+            logger.error(
+                "backfill failed; resume it once the cause is fixed",
+                ["backfill.run": run.id, "error": String(describing: error)])
+            try? store.setBackfillStatus(run.id, .interrupted)
+            throw error
+        }
     }
 
     // MARK: Ranges
@@ -173,7 +189,7 @@ public final class Backfill {
         guard let count = counts[request.topic] else {
             throw BackfillError("topic \(request.topic) does not exist on the brokers")
         }
-        let partitions = request.partitions.isEmpty ? Array(0..<Int32(count)) : request.partitions.sorted()
+        let partitions = request.partitions.isEmpty ? Array(0..<Int32(count)) : Set(request.partitions).sorted()
         if let unknown = partitions.first(where: { $0 < 0 || $0 >= Int32(count) }) {
             throw BackfillError("topic \(request.topic) has \(count) partitions; partition \(unknown) does not exist")
         }
