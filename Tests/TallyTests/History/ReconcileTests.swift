@@ -151,7 +151,16 @@ struct ReconcileTests {
             #expect(try await status(["dead-letters", "list", "--config", path, "--json"]) == 0)
             #expect(try await status(["dead-letters", "show", "1", "--config", path]) == 0)
             #expect(try await status(["dead-letters", "show", "999", "--config", path]) == 1)
-            #expect(try await status(["backfill", "--config", path, "--list"]) == 0)
+            #expect(try await status(["backfill", "--config", path, "--topic", "usage", "--dry-run"]) == 0)
+            #expect(try await status(["backfill", "--config", path, "--topic", "usage", "--partition", "1"]) == 0)
+            #expect(
+                try await status([
+                    "backfill", "--config", path, "--topic", "usage", "--from-time", "2025-01-15T00:00:00Z",
+                ])
+                    == 1)
+            #expect(try await status(["backfill", "--config", path, "--resume", "999"]) == 1)
+            #expect(try await status(["backfill", "--config", path, "--list", "--json"]) == 0)
+            #expect(try schema.count("SELECT count(*) FROM {s}.backfill_runs WHERE status = 'finished'") == 1)
         }
     }
 }
