@@ -15,6 +15,14 @@ enum RunCommand: Command {
         leaves the group and exits with status 0 within ingest.shutdown_timeout. A second
         signal exits at once. Run 'tally migrate' once before the first start.
 
+        Environment:
+          TALLY_CLOCK_START  An RFC 3339 time at which the worker's clock starts, for tests
+                             and demos that replay old events. The clock then advances in real
+                             time. Never set it in production: it moves the dedupe window.
+          TALLY_TEST_HOOK    kill-before-commit or kill-after-commit: the worker kills itself
+                             with SIGKILL around the COMMIT of its first batch. For crash
+                             tests only; never set it in production.
+
         Options:
           --config FILE      The YAML configuration (see docs/configuration.md).
           --log-level LEVEL  debug, info, warning or error; overrides log.level in the file.
@@ -31,7 +39,7 @@ enum RunCommand: Command {
         defer { sources.forEach { $0.cancel() } }
 
         let worker = Worker(
-            configuration: configuration, logger: logger, stopSignal: stopSignal,
+            configuration: configuration, clock: try clock(logger: logger), logger: logger, stopSignal: stopSignal,
             storeTestHooks: try testHooks(logger: logger))
         try worker.run()
         return 0
@@ -59,5 +67,18 @@ enum RunCommand: Command {
         logger.warning(
             "TALLY_TEST_HOOK is set: a fault injection for tests; never set it in production", ["hook": hook])
         return hooks
+    }
+
+    /// Returns the system clock, or a shifted one when `TALLY_CLOCK_START` is set.
+    static func clock(logger: Logger) throws -> any TallyClock {
+        guard let start = ProcessInfo.processInfo.environment["TALLY_CLOCK_START"] else { return SystemClock() }
+        let time: EventTime
+        do {
+            time = try EventTime.parseRFC3339(start)
+        } catch {
+            throw UsageError("TALLY_CLOCK_START must be an RFC 3339 time with a zone, not \(start): \(error)")
+        }
+        logger.warning("the worker clock is shifted by TALLY_CLOCK_START", ["clock.start": time.rfc3339])
+        return ShiftedClock(startingAt: time)
     }
 }

@@ -30,6 +30,7 @@ extension Worker {
     private func write(_ messages: [KafkaMessage], polling: Bool, deadline: MonotonicTime? = nil) -> WriteResult {
         let now = clock.now()
         let batch = messages.map { ValidatedMessage(message: $0, outcome: validator.validate($0.value, now: now)) }
+        observer.batchValidated(batch.count)
         isWriting = true
         defer { isWriting = false }
         var retry = RetryState(batch: batch, validatedAt: now, polling: polling, deadline: deadline)
@@ -51,6 +52,11 @@ extension Worker {
     /// that it keeps its group membership without holding more than this batch in memory.
     /// A stop request ends the retries; the batch is then left for the next run to read again.
     /// Errors that only a person can fix, such as a missing permission, stop the worker.
+    ///
+    /// `retry.isolated` marks one message written alone after its batch failed. When it keeps
+    /// failing for a reason other than a lost connection, its partition is set aside. The worker
+    /// goes back to the partition's stored offset and reads it again later, and the other
+    /// partitions of the batch go on.
     private func write(_ retry: inout RetryState) -> WriteResult {
         while true {
             // Partitions revoked or lost while the batch waited are no longer ours to write.
@@ -86,6 +92,9 @@ extension Worker {
                         return retry.stopResult
                     case .writeOneByOne:
                         return writeOneByOne(&retry)
+                    case .setAside:
+                        setAside(retry.batch[0], after: error)
+                        return .stale
                     }
                 }
             }
@@ -100,6 +109,7 @@ extension Worker {
         for single in whole.batch where !leftOut.contains(single.partitionID) {
             var retry = RetryState(
                 batch: [single], validatedAt: whole.validatedAt, polling: whole.polling, deadline: whole.deadline)
+            retry.isolated = true
             switch write(&retry) {
             case .committed:
                 continue
@@ -229,6 +239,9 @@ extension Worker {
             logger.warning(
                 "the batch keeps failing; writing its messages one at a time", ["batch.messages": batch.count])
             return .writeOneByOne
+        }
+        if retry.isolated, retry.failures >= 3 {
+            return .setAside
         }
         return waitBeforeRetry(&retry) ? .retry : .stop
     }
@@ -461,17 +474,37 @@ extension Worker {
                 "batch.messages": batch.count,
             ])
 
+        seekToStoredOffsets(partitions, knownStored: staleStored)
+    }
+
+    /// Goes back to the stored offset of a message's partition after writing it alone kept
+    /// failing. The partition's messages are read and written again from there.
+    private func setAside(_ failed: ValidatedMessage, after error: PostgresError) {
+        let message = failed.message
+        logger.error(
+            "writing one message keeps failing; reading its partition again from the stored offset",
+            [
+                "error": error, "kafka.topic": message.topic, "kafka.partition": message.partition,
+                "kafka.offset": message.offset,
+            ])
+        seekToStoredOffsets([failed.partitionID], knownStored: [:])
+    }
+
+    /// Moves each partition back to its stored offset, read again from PostgreSQL when it can
+    /// be reached, and otherwise taken from `knownStored` or the last commit. The partitions
+    /// are paused, which drops the messages fetched ahead, and the restart after the write
+    /// seeks them to the stored offsets.
+    private func seekToStoredOffsets(_ partitions: [PartitionID], knownStored: [PartitionID: Int64?]) {
         var current: [PartitionID: Int64] = [:]
         if let store = connectedStore() {
             current = (try? store.storedOffsets(partitions)) ?? [:]
         }
         var moved: [PartitionID] = []
         for partition in partitions where positions[partition] != nil {
-            let stored = current[partition] ?? (staleStored[partition] ?? positions[partition]!.storedOffset)
+            let stored = current[partition] ?? (knownStored[partition] ?? positions[partition]!.storedOffset)
             positions[partition] = PartitionPosition(storedOffset: stored, nextOffset: stored)
             moved.append(partition)
         }
-        // Pausing drops the messages fetched ahead; the restart seeks to the stored offsets.
         pauseForRestart(moved)
     }
 }
@@ -511,6 +544,8 @@ private struct RetryState {
     var failures = 0
     var contentRejections = 0
     var connectionWasLost = false
+    /// True for one message written alone after its batch failed.
+    var isolated = false
     /// The log starts of partitions whose offsets before the batch were deleted by retention,
     /// found once per batch.
     var logStarts: [PartitionID: Int64]?
@@ -544,6 +579,8 @@ private enum RetryStep {
     case retry
     case stop
     case writeOneByOne
+    /// Give up on the one message for now and read its partition again from the stored offset.
+    case setAside
 }
 
 /// Exponential backoff from 100 ms to 5 s.

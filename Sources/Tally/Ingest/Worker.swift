@@ -23,6 +23,9 @@ public final class Worker: KafkaRebalanceHandler {
         public var partitionsAssigned: @Sendable ([PartitionID: Int64?]) -> Void = { _ in }
         /// After each committed batch.
         public var batchCommitted: @Sendable (BatchSummary) -> Void = { _ in }
+        /// After validating a batch read from Kafka, with its message count. Retries of a
+        /// batch keep its validated outcomes and do not call it again.
+        public var batchValidated: @Sendable (Int) -> Void = { _ in }
         /// TEST HOOK: before each attempt to write a batch, with the offsets of each partition
         /// in it. A test can block here to stall the worker inside a batch.
         public var beforeWrite: @Sendable ([PartitionID: ClosedRange<Int64>]) -> Void = { _ in }
@@ -32,11 +35,13 @@ public final class Worker: KafkaRebalanceHandler {
         public init(
             partitionsAssigned: @escaping @Sendable ([PartitionID: Int64?]) -> Void = { _ in },
             batchCommitted: @escaping @Sendable (BatchSummary) -> Void = { _ in },
+            batchValidated: @escaping @Sendable (Int) -> Void = { _ in },
             beforeWrite: @escaping @Sendable ([PartitionID: ClosedRange<Int64>]) -> Void = { _ in },
             connectionFailed: @escaping @Sendable (Error) -> Void = { _ in }
         ) {
             self.partitionsAssigned = partitionsAssigned
             self.batchCommitted = batchCommitted
+            self.batchValidated = batchValidated
             self.beforeWrite = beforeWrite
             self.connectionFailed = connectionFailed
         }

@@ -32,7 +32,7 @@ extension LedgerStore {
         do {
             try connection.execute("BEGIN")
             try lockStoredOffsets(spans)
-            let outcomes = try classify(messages, now: now, limits: limits)
+            let outcomes = try writeOutcomes(messages, now: now, limits: limits)
 
             for (index, validated) in messages.enumerated() {
                 let partition = validated.partitionID
@@ -49,10 +49,6 @@ extension LedgerStore {
                 }
             }
 
-            try insertLedgerRows(messages, outcomes: outcomes)
-            try upsertRollups(messages, outcomes: outcomes)
-            try insertDuplicates(messages, outcomes: outcomes)
-            try insertDeadLetters(messages, outcomes: outcomes)
             try insertGaps(gaps)
             try advanceStoredOffsets(spans)
             try testHooks.beforeCommit?()
@@ -81,6 +77,26 @@ extension LedgerStore {
             rollbackQuietly()
             preconditionFailure("unexpected error in batch transaction: \(error)")
         }
+    }
+
+    /// Decides the outcome of every message and writes its ledger row and rollup readings,
+    /// duplicate row or dead letter, inside the caller's transaction. The batch writer, backfill
+    /// and dead-letter replay share this step, so an event has one path into the ledger.
+    func writeOutcomes(
+        _ messages: [ValidatedMessage], now: EventTime, limits: ValidationLimits,
+        options: OutcomeOptions = OutcomeOptions()
+    )
+        throws -> [MessageOutcome]
+    {
+        let outcomes = try classify(
+            messages, now: now, limits: limits, reclaimOrphanedKeys: options.reclaimOrphanedKeys)
+        try insertLedgerRows(messages, outcomes: outcomes)
+        try upsertRollups(messages, outcomes: outcomes)
+        try insertDuplicates(messages, outcomes: outcomes)
+        if options.insertsDeadLetters {
+            try insertDeadLetters(messages, outcomes: outcomes)
+        }
+        return outcomes
     }
 
     // MARK: Offsets

@@ -21,6 +21,8 @@ enum Schema {
         ),
         Migration(version: 2, description: "offset ranges of committed batches", sql: version2),
         Migration(version: 3, description: "worker status", sql: version3),
+        Migration(
+            version: 4, description: "backfill runs, dead-letter replay and the usage function", sql: version4),
     ]
 
     static var latestVersion: Int { migrations.last!.version }
