@@ -52,6 +52,9 @@ public final class KafkaConsumer {
     private var subscribedTopics: [String]?
     /// Whether the rebalance callback has received an assignment, even an empty one.
     private var hasSeenAssignment = false
+    /// Whether the group uses the cooperative protocol, as of the last rebalance; before the
+    /// first one, whether the configured assignor is cooperative.
+    private var isCooperative: Bool
 
     /// Creates a consumer. `properties` go to librdkafka as they are; they must include
     /// `bootstrap.servers` and, for `subscribe`, `group.id`.
@@ -61,6 +64,8 @@ public final class KafkaConsumer {
         onError: (@Sendable (KafkaError) -> Void)? = nil
     ) throws(KafkaError) {
         let box = CallbackBox(onLog: onLog, onError: onError)
+        isCooperative =
+            properties.last { $0.0 == "partition.assignment.strategy" }?.1.contains("cooperative-sticky") ?? false
         let configuration = try makeConfiguration(properties, box: box)
         rd_kafka_conf_set_rebalance_cb(configuration, handleRebalance)
         handle = try makeHandle(RD_KAFKA_CONSUMER, configuration)
@@ -284,7 +289,11 @@ public final class KafkaConsumer {
         _ code: rd_kafka_resp_err_t, _ partitions: UnsafeMutablePointer<rd_kafka_topic_partition_list_t>
     ) {
         let entries = TopicPartitionList.entries(of: partitions)
-        let isCooperative = String(cString: rd_kafka_rebalance_protocol(handle)) == "COOPERATIVE"
+        // librdkafka returns NULL when it cannot answer (the group is terminating); the
+        // protocol of the last rebalance holds then.
+        if let name = rd_kafka_rebalance_protocol(handle) {
+            isCooperative = String(cString: name) == "COOPERATIVE"
+        }
 
         switch code {
         case RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS:
@@ -353,7 +362,7 @@ private func handleRebalance(
         return
     }
     // The consumer is being destroyed: take librdkafka's default action so the group does not stall.
-    let isCooperative = String(cString: rd_kafka_rebalance_protocol(handle)) == "COOPERATIVE"
+    let isCooperative = rd_kafka_rebalance_protocol(handle).map { String(cString: $0) == "COOPERATIVE" } ?? false
     switch (code, isCooperative) {
     case (RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS, true):
         if let error = rd_kafka_incremental_assign(handle, partitions) { rd_kafka_error_destroy(error) }
