@@ -312,10 +312,11 @@ extension Worker {
     /// Waits before the next attempt. Returns false when a stop was requested meanwhile, or
     /// when the attempts have run past `retry.deadline`.
     ///
-    /// With `retry.polling`, the worker pauses its partitions and polls while it waits. It
-    /// keeps its group membership (`max.poll.interval.ms`), serves rebalances, and fetches
-    /// nothing, so memory holds this one batch whatever the outage's length. Without it, as
-    /// inside a rebalance callback, it sleeps.
+    /// With `retry.polling`, the worker polls while it waits: it keeps its group membership
+    /// (`max.poll.interval.ms`) and serves rebalances. Messages fetched meanwhile go to the
+    /// pending batch, which is written after this one. Once the pending batch is full, the
+    /// worker pauses its partitions, so memory holds at most these two batches whatever the
+    /// outage's length. Without `polling`, as inside a rebalance callback, it sleeps.
     private func waitBeforeRetry(_ retry: inout RetryState) -> Bool {
         let delay = retry.backoff.next()
         var deadline = MonotonicTime.now().nanoseconds + delay * 1_000_000
@@ -326,10 +327,10 @@ extension Worker {
             }
             deadline = min(deadline, limit.nanoseconds)
         }
-        if retry.polling {
-            pauseForRestart(Array(positions.keys))
-        }
         while MonotonicTime.now().nanoseconds < deadline {
+            if retry.polling, pending.isFull(configuration.ingest) {
+                pauseForRestart(Array(positions.keys))
+            }
             if stopSignal.isRequested {
                 logger.warning(
                     "stopping with the batch not written; it will be read again on the next start",
@@ -343,16 +344,19 @@ extension Worker {
             }
             let remaining = (deadline - MonotonicTime.now().nanoseconds) / 1_000_000
             let result = consumer.poll(timeoutMilliseconds: Int32(max(0, min(Self.pollTimeoutMilliseconds, remaining))))
-            if case .error(let error, let partition) = result {
+            switch result {
+            case .message(let message):
+                accept(message)
+            case .error(let error, let partition):
                 do {
                     try handleConsumerError(error, partition: partition)
                 } catch {
                     fatalFailure = error
                     return false
                 }
+            case nil:
+                break
             }
-            // A message of a paused partition was fetched before the pause; it is read again
-            // after the partition moves back to its next offset.
             if MonotonicTime.now().milliseconds(since: progress.lastCheck) >= Self.statusIntervalMilliseconds {
                 let state = checkProgress(now: MonotonicTime.now())
                 // Between attempts no transaction is open; the report needs a live connection.
@@ -373,7 +377,7 @@ extension Worker {
         }
         if pausedForRestart.isEmpty {
             logger.info(
-                "pausing consumption until the batch is written",
+                "pausing consumption until the batch in flight is written",
                 ["kafka.partitions": describe(newlyPaused), "batch.writing": isWriting])
         }
         pausedForRestart.formUnion(newlyPaused)
@@ -499,6 +503,8 @@ extension Worker {
         if let store = connectedStore() {
             current = (try? store.storedOffsets(partitions)) ?? [:]
         }
+        // Messages fetched meanwhile for these partitions are read again from the stored offset.
+        _ = dropPending(of: Set(partitions))
         var moved: [PartitionID] = []
         for partition in partitions where positions[partition] != nil {
             let stored = current[partition] ?? (knownStored[partition] ?? positions[partition]!.storedOffset)

@@ -41,6 +41,9 @@ extension Worker {
                 })
         }
 
+        // A partition this worker consumed already starts over from its stored offset.
+        _ = dropPending(of: Set(ids))
+        pausedForRestart.subtract(ids)
         var start: [KafkaTopicPartition] = []
         for partition in ids {
             let offset = stored[partition]
@@ -143,7 +146,7 @@ extension Worker {
     }
 
     /// Removes the pending messages of the partitions and returns them.
-    private func dropPending(of partitions: Set<PartitionID>) -> [KafkaMessage] {
+    func dropPending(of partitions: Set<PartitionID>) -> [KafkaMessage] {
         let matching = pending.messages.filter {
             partitions.contains(PartitionID(topic: $0.topic, partition: $0.partition))
         }

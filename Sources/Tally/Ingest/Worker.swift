@@ -250,7 +250,7 @@ public final class Worker: KafkaRebalanceHandler {
     }
 
     /// Adds a message to the pending batch, unless it is not ours or already handled.
-    private func accept(_ message: KafkaMessage) {
+    func accept(_ message: KafkaMessage) {
         let partition = PartitionID(topic: message.topic, partition: message.partition)
         guard var position = positions[partition], !pausedForRestart.contains(partition) else {
             // A message fetched before its partition was revoked or paused. A paused partition

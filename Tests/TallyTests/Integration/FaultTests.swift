@@ -46,6 +46,8 @@ struct FaultTests {
             var configuration = try testConfiguration(kafka: kafka, schema: schema)
             configuration.kafka.properties += [("max.poll.interval.ms", "7000")]
             configuration.ingest.noProgressTimeoutMilliseconds = 1000
+            // Small batches: the pending batch fills up during the outage, and the worker pauses.
+            configuration.ingest.batchMaxMessages = 200
             var first = configuration
             first.postgres.conninfo = "user=\(role.name)"
             let sink = LogSink.capturing()
@@ -61,7 +63,7 @@ struct FaultTests {
                 try kafka.produce((0..<500).map { apiCall("during-\(partition)-\($0)") }, partition: partition)
             }
             try await waitUntil("the worker to pause") {
-                sink.capturedLines.contains { $0.contains("pausing consumption until the batch is written") }
+                sink.capturedLines.contains { $0.contains("pausing consumption until the batch in flight is written") }
             }
             // Longer than max.poll.interval.ms: the worker keeps its partitions.
             try await Task.sleep(nanoseconds: 9_000_000_000)
