@@ -194,6 +194,7 @@ class Cluster:
         self.worker_count = 0
         self.config = os.path.join(self.work_dir, "tally.yaml")
         self.actions = {}
+        self.produced = [0] * PARTITIONS
 
     def count(self, action):
         self.actions[action] = self.actions.get(action, 0) + 1
@@ -239,17 +240,52 @@ class Cluster:
         self.broker.send_signal(number)
 
     def produce(self, partition, lines):
-        """Produces lines `key<TAB>value` to one partition, in order, and waits for delivery."""
-        path = os.path.join(self.work_dir, f"chunk-{partition}.tsv")
-        with open(path, "w") as file:
-            file.write("".join(f"{key}\t{value}\n" for key, value in lines))
-        with open(path) as source:
+        """Produces lines `key<TAB>value` to one partition, in order, and waits for delivery.
+
+        The idempotent producer delivers a prefix of the lines when it fails, so a failed
+        attempt is resumed after the messages the partition's log end shows delivered: every
+        message lands exactly once, at a known offset. At most 5 attempts.
+        """
+        start = self.produced[partition]
+        done = 0
+        for attempt in range(5):
+            path = os.path.join(self.work_dir, f"chunk-{partition}.tsv")
+            with open(path, "w") as file:
+                file.write("".join(f"{key}\t{value}\n" for key, value in lines[done:]))
+            with open(path) as source:
+                result = subprocess.run(
+                    ["kcat", "-P", "-b", self.bootstrap, "-t", TOPIC, "-p", str(partition), "-z", "zstd", "-K",
+                     "\t", "-X", "linger.ms=50", "-X", "enable.idempotence=true"],
+                    stdin=source, capture_output=True, text=True, timeout=300)
+            if result.returncode == 0:
+                self.produced[partition] = start + len(lines)
+                return
+            self.check_broker()
+            log(f"kcat failed to produce to partition {partition} (attempt {attempt + 1}): "
+                f"{result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}")
+            time.sleep(2)
+            done = self.log_end(partition) - start
+            if not 0 <= done <= len(lines):
+                sys.exit(f"error: partition {partition} holds {done} messages of a chunk of {len(lines)}")
+        sys.exit(f"error: kcat failed to produce to partition {partition} five times")
+
+    def log_end(self, partition):
+        """The log end of a partition, asked with kcat until the broker answers (at most 30 s)."""
+        for _ in range(30):
             result = subprocess.run(
-                ["kcat", "-P", "-b", self.bootstrap, "-t", TOPIC, "-p", str(partition), "-z", "zstd", "-K", "\t",
-                 "-X", "linger.ms=50", "-X", "enable.idempotence=true"],
-                stdin=source, capture_output=True, text=True, timeout=300)
-        if result.returncode != 0:
-            sys.exit(f"error: kcat failed to produce to partition {partition}: {result.stderr.strip()}")
+                ["kcat", "-Q", "-b", self.bootstrap, "-t", f"{TOPIC}:{partition}:-1"],
+                capture_output=True, text=True, timeout=60)
+            for line in result.stdout.splitlines():
+                # "usage [3] offset 1234"
+                parts = line.split()
+                if result.returncode == 0 and len(parts) >= 4 and parts[2] == "offset":
+                    return int(parts[3])
+            time.sleep(1)
+        sys.exit(f"error: cannot read the log end of partition {partition}")
+
+    def check_broker(self):
+        if self.broker.poll() is not None:
+            sys.exit(f"error: tally dev-broker exited with status {self.broker.returncode}; see broker.log")
 
     # Workers
 
@@ -362,6 +398,7 @@ def chaos(cluster, rng, arguments, chunks):
         if chunks:
             chunks.pop(0)()
         cluster.check_workers()
+        cluster.check_broker()
         action = rng.choices(names, weights)[0]
         if action == "add a worker" and len(cluster.workers) >= MAX_WORKERS:
             action = "remove a worker with SIGTERM"

@@ -277,8 +277,17 @@ public final class KafkaConsumer {
                 closeTimedOut = true
                 return false
             }
-            // Serves the rebalance callback (the final revocation) and the error callback.
-            _ = rd_kafka_queue_poll_callback(queue, Int32(min(100, timeoutMilliseconds - elapsed)))
+            // The final revocation arrives as an event on the queue. Serving the queue with
+            // callbacks instead fails an assertion in librdkafka 2.0.2 on ops it passes on.
+            guard let event = rd_kafka_queue_poll(queue, Int32(min(100, timeoutMilliseconds - elapsed))) else {
+                continue
+            }
+            if rd_kafka_event_type(event) == RD_KAFKA_EVENT_REBALANCE,
+                let partitions = rd_kafka_event_topic_partition_list(event)
+            {
+                applyRebalance(rd_kafka_event_error(event), partitions)
+            }
+            rd_kafka_event_destroy(event)
         }
         return true
     }

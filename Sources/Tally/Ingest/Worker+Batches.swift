@@ -151,7 +151,7 @@ extension Worker {
             var low = consumer.cachedWatermarks(topic: partition.topic, partition: partition.partition)?.low
             if low == nil || low! <= stored {
                 low = try? consumer.watermarks(
-                    topic: partition.topic, partition: partition.partition, timeoutMilliseconds: 5000
+                    topic: partition.topic, partition: partition.partition, timeoutMilliseconds: 2000
                 ).low
             }
             if let low, low > stored {

@@ -45,9 +45,10 @@ extension Worker {
         _ = dropPending(of: Set(ids))
         pausedForRestart.subtract(ids)
         var start: [KafkaTopicPartition] = []
+        var logEndsReadable = true
         for partition in ids {
             let offset = stored[partition]
-            if let offset, isBeyondLogEnd(partition, storedOffset: offset) { continue }
+            if let offset, isBeyondLogEnd(partition, storedOffset: offset, checking: &logEndsReadable) { continue }
             positions[partition] = PartitionPosition(storedOffset: offset, nextOffset: offset)
             start.append(
                 KafkaTopicPartition(
@@ -85,9 +86,10 @@ extension Worker {
         }
 
         var start: [KafkaTopicPartition] = []
+        var logEndsReadable = true
         for partition in ids {
             let offset = stored[partition]
-            if let offset, isBeyondLogEnd(partition, storedOffset: offset) {
+            if let offset, isBeyondLogEnd(partition, storedOffset: offset, checking: &logEndsReadable) {
                 // Left assigned and paused until the next rebalance, as the error says.
                 awaitingStart.remove(partition)
                 continue
@@ -163,15 +165,19 @@ extension Worker {
     /// the topic was re-created or its log truncated. Reading from the log start would then
     /// skip the new messages below the stored offset, so the partition is left unconsumed, with
     /// an error in the log, until an operator resolves it. A failed check lets the partition start.
-    private func isBeyondLogEnd(_ partition: PartitionID, storedOffset: Int64) -> Bool {
+    /// After one failure (the broker is unreachable), `checking` turns false and the other
+    /// partitions of the assignment start unchecked, so that a rebalance never waits long.
+    private func isBeyondLogEnd(_ partition: PartitionID, storedOffset: Int64, checking: inout Bool) -> Bool {
+        guard checking else { return false }
         let watermarks: KafkaWatermarks
         do {
             guard let consumer else { return false }
             watermarks = try consumer.watermarks(
-                topic: partition.topic, partition: partition.partition, timeoutMilliseconds: 5000)
+                topic: partition.topic, partition: partition.partition, timeoutMilliseconds: 2000)
         } catch {
+            checking = false
             logger.warning(
-                "cannot read the log end of an assigned partition; starting it at its stored offset",
+                "cannot read the log end of an assigned partition; starting it and the others at their stored offsets",
                 ["kafka.topic": partition.topic, "kafka.partition": partition.partition, "error": error])
             return false
         }
