@@ -20,6 +20,7 @@ extension LedgerStore {
         let gaps = offsetGaps(messages, spans: spans)
         do {
             try ensureDedupePartitions(now: now, limits: limits)
+            try ensureRollupStagingTable()
         } catch {
             throw .database(error)
         }
