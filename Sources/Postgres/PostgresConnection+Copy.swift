@@ -121,15 +121,23 @@ public struct CopyTextRows {
         columnsInRow += 1
     }
 
+    /// Appends the bytes, copying the runs between escaped bytes in one piece each.
     private mutating func appendEscaped(_ buffer: UnsafeBufferPointer<UInt8>) {
-        for byte in buffer {
-            switch byte {
-            case UInt8(ascii: "\\"): bytes.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "\\")])
-            case UInt8(ascii: "\t"): bytes.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "t")])
-            case UInt8(ascii: "\n"): bytes.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "n")])
-            case UInt8(ascii: "\r"): bytes.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "r")])
-            default: bytes.append(byte)
+        var runStart = 0
+        for index in 0..<buffer.count {
+            let escape: UInt8
+            switch buffer[index] {
+            case UInt8(ascii: "\\"): escape = UInt8(ascii: "\\")
+            case UInt8(ascii: "\t"): escape = UInt8(ascii: "t")
+            case UInt8(ascii: "\n"): escape = UInt8(ascii: "n")
+            case UInt8(ascii: "\r"): escape = UInt8(ascii: "r")
+            default: continue
             }
+            bytes.append(contentsOf: UnsafeBufferPointer(rebasing: buffer[runStart..<index]))
+            bytes.append(UInt8(ascii: "\\"))
+            bytes.append(escape)
+            runStart = index + 1
         }
+        bytes.append(contentsOf: UnsafeBufferPointer(rebasing: buffer[runStart...]))
     }
 }

@@ -25,10 +25,19 @@ extension LedgerStore {
             throw .database(error)
         }
 
+        var timings = BatchTimings()
+        var lapStart = MonotonicTime.now()
+        func lap() -> Int64 {
+            let end = MonotonicTime.now()
+            defer { lapStart = end }
+            return (end.nanoseconds - lapStart.nanoseconds) / 1000
+        }
+
         do {
             try connection.execute("BEGIN")
             try lockStoredOffsets(spans)
             let outcomes = try classify(messages, now: now, limits: limits)
+            timings.classify = lap()
 
             for (index, validated) in messages.enumerated() {
                 let partition = validated.partitionID
@@ -46,15 +55,20 @@ extension LedgerStore {
             }
 
             try insertLedgerRows(messages, outcomes: outcomes)
+            timings.ledger = lap()
             try upsertRollups(messages, outcomes: outcomes)
+            timings.rollups = lap()
             try insertDuplicates(messages, outcomes: outcomes)
             try insertDeadLetters(messages, outcomes: outcomes)
             try insertGaps(gaps)
             try advanceStoredOffsets(spans)
+            timings.other = lap()
             try connection.execute("COMMIT")
+            timings.commit = lap()
             logGaps(gaps)
 
             var summary = BatchSummary()
+            summary.timings = timings
             summary.outcomes = outcomes
             summary.gaps = gaps
             for span in spans.values {
