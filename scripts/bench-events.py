@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Write the synthetic usage stream of scripts/bench as Kafka messages.
 
-The events are shaped like the requests of the Azure LLM inference trace of scripts/data/:
-CloudEvents 1.0 `llm.request` events of about 300 bytes in structured JSON mode, from 10,000
-subjects, with the model, input tokens and output tokens of each request. Every 50th message is
+The events are shaped like the requests of the Azure LLM inference trace of scripts/data/.
+Each is a CloudEvent 1.0 `llm.request` of about 300 bytes in structured JSON mode, from one of
+10,000 subjects, with the model, input tokens and output tokens of the request. Every 50th message is
 a byte-identical re-send of an event sent between 1 and 5,000 messages before, as a producer
 sends after a lost acknowledgement. The key of every message is its subject.
 

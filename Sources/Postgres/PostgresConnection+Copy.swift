@@ -73,7 +73,7 @@ public struct CopyTextRows {
         bytes.reserveCapacity(capacity)
     }
 
-    /// Appends a text value, escaped; nil is NULL.
+    /// Appends a text value, escaped, or NULL for nil.
     public mutating func append(_ value: String?) {
         startColumn()
         guard var value else {

@@ -1,3 +1,4 @@
+import Foundation
 import Tally
 
 enum RunCommand: Command {
@@ -11,6 +12,11 @@ enum RunCommand: Command {
         SIGTERM or SIGINT stops it: the batch in flight is committed or rolled back, the worker
         leaves the group and exits with status 0 within ingest.shutdown_timeout. A second
         signal exits at once. Run 'tally migrate' once before the first start.
+
+        Environment:
+          TALLY_CLOCK_START  An RFC 3339 time at which the worker's clock starts, for tests
+                             and demos that replay old events. The clock then advances in real
+                             time. Never set it in production: it moves the dedupe window.
 
         Options:
           --config FILE      The YAML configuration (see docs/configuration.md).
@@ -27,8 +33,22 @@ enum RunCommand: Command {
             stopSignal, timeoutMilliseconds: configuration.ingest.shutdownTimeoutMilliseconds, logger: logger)
         defer { sources.forEach { $0.cancel() } }
 
-        let worker = Worker(configuration: configuration, logger: logger, stopSignal: stopSignal)
+        let worker = Worker(
+            configuration: configuration, clock: try clock(logger: logger), logger: logger, stopSignal: stopSignal)
         try worker.run()
         return 0
+    }
+
+    /// Returns the system clock, or a shifted one when `TALLY_CLOCK_START` is set.
+    static func clock(logger: Logger) throws -> any TallyClock {
+        guard let start = ProcessInfo.processInfo.environment["TALLY_CLOCK_START"] else { return SystemClock() }
+        let time: EventTime
+        do {
+            time = try EventTime.parseRFC3339(start)
+        } catch {
+            throw UsageError("TALLY_CLOCK_START must be an RFC 3339 time with a zone, not \(start): \(error)")
+        }
+        logger.warning("the worker clock is shifted by TALLY_CLOCK_START", ["clock.start": time.rfc3339])
+        return ShiftedClock(startingAt: time)
     }
 }

@@ -59,7 +59,8 @@ extension EventTime {
     /// - The zone is required, so a local time without an offset is rejected.
     /// - Digits past the sixth fractional one are cut off, never rounded.
     /// - A leap second (`:60`) is read as 59.999999 seconds of the same minute, because
-    ///   PostgreSQL and Unix time have no 61st second.
+    ///   PostgreSQL and Unix time have no 61st second. It is valid only where the UTC time is
+    ///   23:59:60, the one place leap seconds are inserted.
     /// - `T`/`t` and `Z`/`z` are both accepted, as RFC 3339 allows.
     ///
     /// Foundation's date parsers are not used because they go through `Double`, which cannot
@@ -135,6 +136,10 @@ extension EventTime {
         let days = CivilDate(year: year, month: month, day: day).daysSinceEpoch
         let localSeconds = days * 86_400 + hour * 3600 + minute * 60 + wholeSeconds
         let utcSeconds = localSeconds - offsetMinutes * 60
+        // Leap seconds are inserted only as the last second of a UTC day, so 12:30:60Z is not a time.
+        if second == 60, (utcSeconds % 86_400 + 86_400) % 86_400 != 86_399 {
+            throw TimeFormatError(description: "a leap second is only valid at 23:59:60 UTC")
+        }
         return EventTime(microseconds: utcSeconds * microsecondsPerSecond + microsecond)
     }
 }

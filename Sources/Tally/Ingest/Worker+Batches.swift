@@ -22,6 +22,7 @@ extension Worker {
         logger.debug(
             "batch validated",
             ["batch.messages": batch.count, "stage.validate_ms": milliseconds(since: started)])
+        observer.batchValidated(batch.count)
         write(batch, validatedAt: now)
     }
 
@@ -38,9 +39,14 @@ extension Worker {
     /// NOTE: the retries do not poll Kafka. An outage longer than `max.poll.interval.ms` therefore
     /// makes the group move this worker's partitions, and only the compare-and-set keeps the
     /// result exact. Pausing the partitions and polling on would keep the membership.
+    ///
+    /// `isolated` marks one message written alone after its batch failed. When it keeps failing
+    /// for a reason other than a lost connection, its partition is set aside. The worker goes
+    /// back to the partition's stored offset and reads it again later, and the other partitions
+    /// of the batch go on.
     @discardableResult
-    private func write(_ batch: [ValidatedMessage], validatedAt: EventTime) -> WriteResult {
-        var retry = RetryState(batch: batch.filter(isUnwritten), validatedAt: validatedAt)
+    private func write(_ batch: [ValidatedMessage], validatedAt: EventTime, isolated: Bool = false) -> WriteResult {
+        var retry = RetryState(batch: batch.filter(isUnwritten), validatedAt: validatedAt, isolated: isolated)
 
         while !retry.batch.isEmpty {
             if fatalFailure != nil { return .stopped }
@@ -68,6 +74,9 @@ extension Worker {
                         return .stopped
                     case .writeOneByOne:
                         return writeOneByOne(retry.batch, validatedAt: retry.validatedAt)
+                    case .setAside:
+                        setAside(retry.batch[0], after: error)
+                        return .stale
                     }
                 }
             }
@@ -81,7 +90,7 @@ extension Worker {
     private func writeOneByOne(_ batch: [ValidatedMessage], validatedAt: EventTime) -> WriteResult {
         var leftOut = Set<PartitionID>()
         for single in batch where !leftOut.contains(single.partitionID) {
-            switch write([single], validatedAt: validatedAt) {
+            switch write([single], validatedAt: validatedAt, isolated: true) {
             case .committed:
                 continue
             case .stale:
@@ -167,6 +176,9 @@ extension Worker {
                 "the batch keeps failing; writing its messages one at a time", ["batch.messages": batch.count])
             return .writeOneByOne
         }
+        if retry.isolated, retry.failures >= 3 {
+            return .setAside
+        }
         return waitBeforeRetry(&retry) ? .retry : .stop
     }
 
@@ -217,6 +229,19 @@ extension Worker {
         }
         handleStaleOffsets(stored, batch: retry.batch)
         return .stale
+    }
+
+    /// Goes back to the stored offset of a message's partition after writing it alone kept
+    /// failing. The partition's messages are read and written again from there.
+    private func setAside(_ failed: ValidatedMessage, after error: PostgresError) {
+        let message = failed.message
+        logger.error(
+            "writing one message keeps failing; reading its partition again from the stored offset",
+            [
+                "error": error, "kafka.topic": message.topic, "kafka.partition": message.partition,
+                "kafka.offset": message.offset,
+            ])
+        seekToStoredOffsets([failed.partitionID], knownStored: [:])
     }
 
     /// Errors in configuration or permissions (class 42) and a missing database or schema
@@ -319,13 +344,19 @@ extension Worker {
                 "batch.messages": batch.count,
             ])
 
+        seekToStoredOffsets(partitions, knownStored: staleStored)
+    }
+
+    /// Moves each partition back to its stored offset, read again from PostgreSQL when it can
+    /// be reached, and otherwise taken from `knownStored` or the last commit.
+    private func seekToStoredOffsets(_ partitions: [PartitionID], knownStored: [PartitionID: Int64?]) {
         var current: [PartitionID: Int64] = [:]
         if let store = connectedStore() {
             current = (try? store.storedOffsets(partitions)) ?? [:]
         }
         var targets: [KafkaTopicPartition] = []
         for partition in partitions where positions[partition] != nil {
-            let stored = current[partition] ?? (staleStored[partition] ?? positions[partition]!.storedOffset)
+            let stored = current[partition] ?? (knownStored[partition] ?? positions[partition]!.storedOffset)
             positions[partition] = PartitionPosition(storedOffset: stored, nextOffset: stored)
             targets.append(
                 KafkaTopicPartition(
@@ -366,6 +397,14 @@ private struct RetryState {
     var failures = 0
     var contentRejections = 0
     var connectionWasLost = false
+    /// True for one message written alone after its batch failed.
+    var isolated = false
+
+    init(batch: [ValidatedMessage], validatedAt: EventTime, isolated: Bool) {
+        self.batch = batch
+        self.validatedAt = validatedAt
+        self.isolated = isolated
+    }
 }
 
 /// Formats microseconds as milliseconds with one decimal, for the stage timings in the debug log.
@@ -395,6 +434,8 @@ private enum RetryStep {
     case retry
     case stop
     case writeOneByOne
+    /// Give up on the one message for now and read its partition again from the stored offset.
+    case setAside
 }
 
 /// Exponential backoff from 100 ms to 5 s.

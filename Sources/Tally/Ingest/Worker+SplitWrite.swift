@@ -20,13 +20,13 @@ final class SplitWriter: @unchecked Sendable {
 }
 
 extension Worker {
-    /// The fewest messages in a batch that is split into two transactions. Below it, one
-    /// transaction costs less than two commits.
+    /// The minimum size of a batch that is split into two transactions. Smaller batches cost
+    /// less as one transaction than as two commits.
     static let minimumSplitMessages = 100
 
-    /// Validates and writes a batch that spans several partitions as two transactions at once:
-    /// one on this thread and its connection, one on the split writer's, each for its own
-    /// partitions, so that each keeps the compare-and-set of its stored offsets. Two cores
+    /// Validates and writes a batch that spans several partitions as two transactions at once.
+    /// One runs on this thread and connection, the other on the split writer's. Each covers
+    /// its own partitions, so each keeps the compare-and-set of its stored offsets. Two cores
     /// then share the validation, and PostgreSQL runs both transactions in parallel.
     ///
     /// Returns the validated messages of each transaction that failed, for `write` to retry with
@@ -84,6 +84,7 @@ extension Worker {
             first, validator: validator, store: store, expected: expectedOffsets(first), now: now, limits: limits,
             logger: logger)
         group.wait()
+        observer.batchValidated(firstHalf.validated.count + secondResult.half!.validated.count)
 
         var failed: [[ValidatedMessage]] = []
         for (half, owner) in [(firstHalf, "main"), (secondResult.half!, "split")] {
@@ -114,7 +115,7 @@ extension Worker {
     }
 
     /// Returns the split writer with an open connection, connecting it if needed, or nil when
-    /// PostgreSQL cannot be reached; a failed attempt is repeated after 10 seconds at the earliest.
+    /// PostgreSQL cannot be reached. After a failed attempt, the next waits at least 10 seconds.
     private func connectedSplitWriter() -> SplitWriter? {
         let helper: SplitWriter
         if let splitWriter {

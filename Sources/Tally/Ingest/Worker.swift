@@ -23,13 +23,18 @@ public final class Worker: KafkaRebalanceHandler {
         public var partitionsAssigned: ([PartitionID: Int64?]) -> Void = { _ in }
         /// After each committed batch.
         public var batchCommitted: (BatchSummary) -> Void = { _ in }
+        /// After validating a batch read from Kafka, with its message count. Retries of a
+        /// batch keep its validated outcomes and do not call it again.
+        public var batchValidated: (Int) -> Void = { _ in }
 
         public init(
             partitionsAssigned: @escaping ([PartitionID: Int64?]) -> Void = { _ in },
-            batchCommitted: @escaping (BatchSummary) -> Void = { _ in }
+            batchCommitted: @escaping (BatchSummary) -> Void = { _ in },
+            batchValidated: @escaping (Int) -> Void = { _ in }
         ) {
             self.partitionsAssigned = partitionsAssigned
             self.batchCommitted = batchCommitted
+            self.batchValidated = batchValidated
         }
     }
 

@@ -47,7 +47,7 @@ public struct BatchSummary: Sendable {
     public var gaps: [OffsetGap] = []
     /// The outcome of each message, in the order of the batch.
     public var outcomes: [MessageOutcome] = []
-    /// Where the time of the transaction went, for the debug log.
+    /// The duration of each stage of the transaction, for the debug log.
     public var timings = BatchTimings()
 
     public var deadLetterCount: Int { deadLetters.values.reduce(0, +) }

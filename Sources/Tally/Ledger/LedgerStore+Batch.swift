@@ -223,8 +223,11 @@ extension LedgerStore {
             writer.endObject()
         }
         writer.endArray()
+        // The update and the batch records are one statement: the records are the rows the
+        // compare-and-set changed.
         let updated = try connection.execute(
             """
+            WITH moved AS (
             UPDATE \(schema).partition_offsets o SET
                 next_offset = u.next_offset,
                 accepted = o.accepted + u.accepted,
@@ -237,6 +240,12 @@ extension LedgerStore {
                 topic text, partition integer, expected bigint, next_offset bigint,
                 accepted bigint, unmetered bigint, duplicates bigint, dead_letters bigint)
             WHERE o.topic = u.topic COLLATE "C" AND o.partition = u.partition AND o.next_offset = u.expected
+            RETURNING o.topic, o.partition, u.expected, u.next_offset, u.accepted, u.duplicates, u.dead_letters
+            )
+            INSERT INTO \(schema).batches
+                (topic, partition, from_offset, next_offset, accepted, duplicates, dead_letters, consumer_group)
+            SELECT topic, partition, expected, next_offset, accepted, duplicates, dead_letters, $2
+            FROM moved
             """,
             [.text(writer.text), consumerGroup.map(PostgresParameter.text)])
         // The rows are locked since the start of the transaction, so this holds unless a bug broke it.

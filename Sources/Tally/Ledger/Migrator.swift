@@ -12,6 +12,12 @@ public enum Migrator {
         public var toVersion: Int
     }
 
+    /// The version of the newest migration this build applies.
+    public static var latestVersion: Int { Schema.latestVersion }
+
+    /// The number of migrations this build knows.
+    public static var migrationCount: Int { Schema.migrations.count }
+
     public static func migrate(_ connection: PostgresConnection, schema: String, logger: Logger) throws(PostgresError)
         -> Outcome
     {

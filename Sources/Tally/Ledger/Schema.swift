@@ -18,7 +18,8 @@ enum Schema {
     static let migrations: [Migration] = [
         Migration(
             version: 1, description: "ledger, rollups, dedupe keys, duplicates, dead letters and offsets", sql: version1
-        )
+        ),
+        Migration(version: 2, description: "offset ranges of committed batches", sql: version2),
     ]
 
     static var latestVersion: Int { migrations.last!.version }
@@ -210,5 +211,30 @@ enum Schema {
           ON f.meter = r.meter AND f.subject = r.subject AND f.groups = r.groups AND f.minute = r.minute
         WHERE r.meter IS NULL OR f.meter IS NULL
            OR r.event_count <> f.event_count OR r.sum <> f.sum OR r.min <> f.min OR r.max <> f.max;
+        """
+
+    private static let version2 = """
+        -- One row per partition of each committed batch: the offsets it took the stored offset
+        -- from and to, and the outcomes it wrote. The live batches of a partition form a chain
+        -- from partition_offsets.first_offset to partition_offsets.next_offset with no hole and
+        -- no overlap. Backfill runs record their batches with backfill_run set; those never
+        -- move a stored offset.
+        CREATE TABLE {schema}.batches (
+            id bigserial PRIMARY KEY,
+            topic text COLLATE "C" NOT NULL,
+            partition integer NOT NULL,
+            from_offset bigint NOT NULL,
+            next_offset bigint NOT NULL,
+            accepted bigint NOT NULL,
+            duplicates bigint NOT NULL,
+            dead_letters bigint NOT NULL,
+            consumer_group text,
+            backfill_run bigint,
+            committed_at timestamptz NOT NULL DEFAULT now(),
+            CHECK (next_offset > from_offset)
+        );
+        CREATE UNIQUE INDEX batches_live_chain ON {schema}.batches (topic, partition, from_offset)
+            WHERE backfill_run IS NULL;
+        CREATE INDEX batches_backfill ON {schema}.batches (backfill_run) WHERE backfill_run IS NOT NULL;
         """
 }

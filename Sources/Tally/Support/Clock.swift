@@ -27,3 +27,18 @@ public final class ManualClock: TallyClock {
         current.withLock { $0 = time }
     }
 }
+
+/// The system clock moved by a fixed amount, so that it read `start` when it was created
+/// and advances in real time from there. It lets a worker process replay old events as if
+/// they were recent, and its time does not depend on the time zone.
+public struct ShiftedClock: TallyClock {
+    private let shiftMicroseconds: Int64
+
+    public init(startingAt start: EventTime) {
+        shiftMicroseconds = start.microseconds - EventTime.systemNow().microseconds
+    }
+
+    public func now() -> EventTime {
+        EventTime.systemNow().adding(microseconds: shiftMicroseconds)
+    }
+}

@@ -60,9 +60,10 @@ final class TestSchema {
         Int(try scalar(sql) ?? "0") ?? -1
     }
 
-    /// Checks the three invariants that the batch transaction keeps. Every rollup equals its
-    /// ledger rows. Every offset below each stored offset has exactly one outcome or lies in a
-    /// recorded gap. No message is both accepted and dead-lettered.
+    /// Checks the invariants that the batch transaction keeps. Every rollup equals its ledger
+    /// rows. Every offset below each stored offset has exactly one outcome or lies in a recorded
+    /// gap. No message is both accepted and dead-lettered. The live batch records of each
+    /// partition chain from its first offset to its stored offset.
     func expectInvariants(sourceLocation: SourceLocation = #_sourceLocation) throws {
         let mismatches = try query("SELECT meter, subject, minute::text FROM {s}.rollup_mismatches")
         #expect(mismatches.isEmpty, "rollups differ from the ledger: \(mismatches)", sourceLocation: sourceLocation)
@@ -93,6 +94,29 @@ final class TestSchema {
               ON d.kafka_topic = l.kafka_topic AND d.kafka_partition = l.kafka_partition AND d.kafka_offset = l.kafka_offset
             """)
         #expect(both == 0, "messages both accepted and dead-lettered", sourceLocation: sourceLocation)
+
+        // Each partition's live batches chain from its first offset to its stored offset, so no
+        // offset belongs to two committed batches and none to no batch.
+        let brokenChains = try query(
+            """
+            WITH chain AS (
+                SELECT topic, partition, from_offset, next_offset,
+                       lag(next_offset) OVER (PARTITION BY topic, partition ORDER BY from_offset) AS previous_next
+                FROM {s}.batches WHERE backfill_run IS NULL
+            )
+            SELECT p.topic, p.partition, p.first_offset, p.next_offset,
+                   min(c.from_offset), max(c.next_offset),
+                   count(*) FILTER (WHERE c.previous_next IS NOT NULL AND c.previous_next <> c.from_offset)
+            FROM {s}.partition_offsets p
+            LEFT JOIN chain c ON c.topic = p.topic AND c.partition = p.partition
+            GROUP BY 1, 2, 3, 4
+            HAVING min(c.from_offset) IS DISTINCT FROM p.first_offset
+                OR max(c.next_offset) IS DISTINCT FROM p.next_offset
+                OR count(*) FILTER (WHERE c.previous_next IS NOT NULL AND c.previous_next <> c.from_offset) > 0
+            """)
+        #expect(
+            brokenChains.isEmpty, "batch records do not chain to the stored offsets: \(brokenChains)",
+            sourceLocation: sourceLocation)
     }
 }
 
@@ -151,13 +175,21 @@ final class RunningWorker: @unchecked Sendable {
     private let hasStopped = Mutex(false)
     private let settings: PostgresSettings
 
+    /// The number of messages the worker has validated, retries not counted again.
+    var validatedCount: Int { validated.withLock { $0 } }
+    private let validated = Mutex(0)
+
     init(configuration: Configuration, clock: any TallyClock, logger: Logger = Logger(level: .warning)) {
         let stopSignal = self.stopSignal
         settings = configuration.postgres
         let thread = Thread { [self] in
-            let observer = Worker.Observer(partitionsAssigned: { partitions in
-                self.assignedCount.withLock { $0 += partitions.count }
-            })
+            let observer = Worker.Observer(
+                partitionsAssigned: { partitions in
+                    self.assignedCount.withLock { $0 += partitions.count }
+                },
+                batchValidated: { count in
+                    self.validated.withLock { $0 += count }
+                })
             let worker = Worker(
                 configuration: configuration, clock: clock, logger: logger, stopSignal: stopSignal, observer: observer)
             do {
@@ -240,14 +272,16 @@ func standardMeters() throws -> [Meter] {
     ]
 }
 
-/// Runs a worker until it has written everything produced so far, then stops it.
+/// Runs a worker until it has written everything produced so far, then stops it. Returns the
+/// number of messages it validated.
+@discardableResult
 func ingestAll(
     kafka: TestKafka, schema: TestSchema, clock: any TallyClock, meters: [Meter]? = nil,
-    configure: (inout Configuration) -> Void = { _ in }
-) async throws {
+    logger: Logger = Logger(level: .warning), configure: (inout Configuration) -> Void = { _ in }
+) async throws -> Int {
     var configuration = try testConfiguration(kafka: kafka, schema: schema, meters: meters)
     configure(&configuration)
-    let worker = RunningWorker(configuration: configuration, clock: clock)
+    let worker = RunningWorker(configuration: configuration, clock: clock, logger: logger)
     do {
         try await worker.waitUntilCaughtUp(with: kafka)
     } catch {
@@ -255,6 +289,7 @@ func ingestAll(
         throw error
     }
     try worker.stop()
+    return worker.validatedCount
 }
 
 /// `E(id, subject, quantity, time)`: an `api.call` CloudEvent with no whitespace.
