@@ -20,8 +20,9 @@ final class SplitWriter: @unchecked Sendable {
 }
 
 extension Worker {
-    /// The minimum size of a batch that is split into two transactions. Smaller batches cost
-    /// less as one transaction than as two commits.
+    /// The minimum size of a batch that is split into two transactions.
+    /// NOTE: an estimate, not measured: below it, a second commit is assumed to cost more than
+    /// the parallel work saves.
     static let minimumSplitMessages = 100
 
     /// Validates and writes a batch that spans several partitions as two transactions at once.

@@ -53,6 +53,37 @@ struct SplitWriteTests {
         }
     }
 
+    @Test func failedHalfIsRetriedAlone() async throws {
+        try await withTestSchema { schema in
+            let kafka = try TestKafka(partitions: 4)
+            for partition in Int32(0)..<4 {
+                var events = (0..<40).map { apiCall("p\(partition)-\($0)", "cust-\($0 % 5)") }
+                if partition == 2 {
+                    // PostgreSQL rejects this event's rollup key, which fails its whole transaction.
+                    events.insert(WorkerFailureTests.poisonEvent(id: "poison", subject: "cust-9"), at: 20)
+                }
+                try kafka.produce(events, partition: partition)
+            }
+
+            let sink = LogSink.capturing()
+            var configuration = try testConfiguration(
+                kafka: kafka, schema: schema, meters: try WorkerFailureTests.wideMeters())
+            configuration.ingest.batchMaxMessages = 161
+            configuration.ingest.batchMaxWaitMilliseconds = 5000
+            let worker = RunningWorker(
+                configuration: configuration, clock: try clockNearT0(), logger: Logger(level: .info, sink: sink))
+            try await worker.waitUntilCaughtUp(with: kafka)
+            try worker.stop()
+
+            #expect(sink.capturedLines.contains { $0.contains("a split transaction failed") })
+            #expect(try schema.count("SELECT count(*) FROM {s}.ledger") == 160)
+            let dead = try schema.query("SELECT kafka_partition::text, reason, event_id FROM {s}.dead_letters")
+            #expect(dead == [["2", "storage_rejected", "poison"]])
+            #expect(try schema.scalar("SELECT sum(event_count)::text FROM {s}.rollups WHERE meter = 'calls'") == "160")
+            try schema.expectInvariants()
+        }
+    }
+
     @Test func copyRowsKeepTabsNewlinesAndBackslashes() async throws {
         try await withTestSchema { schema in
             let kafka = try TestKafka()
