@@ -176,6 +176,23 @@ public final class KafkaConsumer {
         try queryWatermarks(handle, topic: topic, partition: partition, timeoutMilliseconds: timeoutMilliseconds)
     }
 
+    /// Looks up, per partition, the earliest offset whose message timestamp is at or after
+    /// the given time (ListOffsets by timestamp). Each entry's `offset` is the time in
+    /// milliseconds since the Unix epoch on input. On output it is the offset found, or -1
+    /// where the broker returned none: the time is after the partition's last message, or the
+    /// broker does not implement the lookup (librdkafka 2.0.2's mock cluster returns -1).
+    public func offsetsForTimes(_ partitions: [KafkaTopicPartition], timeoutMilliseconds: Int32) throws(KafkaError)
+        -> [KafkaTopicPartition]
+    {
+        let list = TopicPartitionList(partitions)
+        let code = rd_kafka_offsets_for_times(handle, list.pointer, timeoutMilliseconds)
+        guard code == RD_KAFKA_RESP_ERR_NO_ERROR else { throw KafkaError(code, operation: "offsets for times") }
+        if let error = TopicPartitionList.firstError(in: list.pointer, operation: "offsets for times") {
+            throw error
+        }
+        return TopicPartitionList.entries(of: list.pointer)
+    }
+
     /// Leaves the group: the rebalance handler receives the revocation, then the consumer
     /// stops. Call it once, from the polling thread.
     public func close() throws(KafkaError) {

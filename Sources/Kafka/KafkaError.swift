@@ -57,6 +57,11 @@ public struct KafkaError: Error, Sendable, CustomStringConvertible {
             || code == RD_KAFKA_RESP_ERR__UNKNOWN_PARTITION.rawValue
     }
 
+    /// The consumer reached the end of a partition's log (with `enable.partition.eof`).
+    public var isPartitionEOF: Bool {
+        code == RD_KAFKA_RESP_ERR__PARTITION_EOF.rawValue
+    }
+
     /// A request timed out, for example because no broker could be reached.
     public var isTimeout: Bool {
         code == RD_KAFKA_RESP_ERR__TIMED_OUT.rawValue || code == RD_KAFKA_RESP_ERR__TRANSPORT.rawValue

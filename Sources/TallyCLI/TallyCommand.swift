@@ -15,6 +15,12 @@ public enum TallyCommand {
           run          Run the ingest worker until SIGTERM or SIGINT.
           migrate      Create or upgrade the PostgreSQL schema.
           stats        Print stored offsets, outcome counts and meter totals.
+          backfill     Rerun a range of a topic from its offsets; list and resume runs.
+          rebuild      Recompute a meter's rollups over a time range from the ledger.
+          dead-letters List, show and replay dead letters (list, show ID, replay).
+          reconcile    Check that Kafka, the ledger and the rollups account for each other.
+          usage        Print a meter's usage per minute, hour, day or month in a time zone.
+          events       List the ledger rows of one subject and time range.
           dev-broker   Serve librdkafka's mock Kafka cluster on loopback (demos and tests only).
 
         Run 'tally <command> --help' for the options of a command.
@@ -24,26 +30,44 @@ public enum TallyCommand {
     /// 0 on success, 1 when the work failed, 2 for a wrong command line.
     public static func main(_ arguments: [String]) -> Int32 {
         let rest = Array(arguments.dropFirst())
-        guard let name = rest.first else {
+        guard var name = rest.first else {
             printError(usage)
             return 2
         }
-        let options = Array(rest.dropFirst())
+        var options = Array(rest.dropFirst())
         let command: Command.Type
-        switch name {
-        case "run": command = RunCommand.self
-        case "migrate": command = MigrateCommand.self
-        case "stats": command = StatsCommand.self
-        case "dev-broker": command = DevBrokerCommand.self
-        case "--help", "-h", "help":
-            print(usage)
-            return 0
-        case "--version":
-            print("tally \(version)")
-            return 0
-        default:
-            printError("tally: error: unknown command \(name); run 'tally --help' for the list")
-            return 2
+        if name == "dead-letters" {
+            if options.first == "--help" || options.first == "-h" {
+                print(DeadLettersCommand.help)
+                return 0
+            }
+            guard let subcommand = DeadLettersCommand.subcommand(&options) else {
+                printError("tally dead-letters: error: give list, show ID or replay; run 'tally dead-letters --help'")
+                return 2
+            }
+            name += " " + subcommand.name
+            command = subcommand.command
+        } else {
+            switch name {
+            case "run": command = RunCommand.self
+            case "migrate": command = MigrateCommand.self
+            case "stats": command = StatsCommand.self
+            case "dev-broker": command = DevBrokerCommand.self
+            case "backfill": command = BackfillCommand.self
+            case "rebuild": command = RebuildCommand.self
+            case "reconcile": command = ReconcileCommand.self
+            case "usage": command = UsageCommand.self
+            case "events": command = EventsCommand.self
+            case "--help", "-h", "help":
+                print(usage)
+                return 0
+            case "--version":
+                print("tally \(version)")
+                return 0
+            default:
+                printError("tally: error: unknown command \(name); run 'tally --help' for the list")
+                return 2
+            }
         }
 
         if options.contains("--help") || options.contains("-h") {

@@ -100,3 +100,15 @@ struct PartitionSpan {
     /// The stored offset the batch starts from, after inserting a missing row at the first offset.
     var startOffset: Int64 { expectedStoredOffset ?? firstOffset }
 }
+
+/// The options of `writeOutcomes` for a batch that does not come from the live consumer group.
+struct OutcomeOptions {
+    /// Treats an idempotency key whose ledger row no longer exists as not accepted: its claims
+    /// are deleted and the event is accepted again. Backfill and replay set it, so that
+    /// events whose ledger rows were removed can be restored. The live path leaves it off, so
+    /// a key claimed by a batch is always decided by the claim alone.
+    var reclaimOrphanedKeys = false
+    /// Inserts a row into `dead_letters` for each rejected message. Replay leaves it off,
+    /// because the message has its dead letter already.
+    var insertsDeadLetters = true
+}

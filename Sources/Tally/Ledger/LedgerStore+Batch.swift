@@ -20,7 +20,6 @@ extension LedgerStore {
         let gaps = offsetGaps(messages, spans: spans)
         do {
             try ensureDedupePartitions(now: now, limits: limits)
-            try ensureRollupStagingTable()
         } catch {
             throw .database(error)
         }
@@ -36,8 +35,9 @@ extension LedgerStore {
         do {
             try connection.execute("BEGIN")
             try lockStoredOffsets(spans)
-            let outcomes = try classify(messages, now: now, limits: limits)
             timings.classify = lap()
+            let outcomes = try writeOutcomes(messages, now: now, limits: limits, timings: &timings)
+            lapStart = MonotonicTime.now()
 
             for (index, validated) in messages.enumerated() {
                 let partition = validated.partitionID
@@ -54,15 +54,9 @@ extension LedgerStore {
                 }
             }
 
-            try insertLedgerRows(messages, outcomes: outcomes)
-            timings.ledger = lap()
-            try upsertRollups(messages, outcomes: outcomes)
-            timings.rollups = lap()
-            try insertDuplicates(messages, outcomes: outcomes)
-            try insertDeadLetters(messages, outcomes: outcomes)
             try insertGaps(gaps)
             try advanceStoredOffsets(spans)
-            timings.other = lap()
+            timings.other += lap()
             try connection.execute("COMMIT")
             timings.commit = lap()
             logGaps(gaps)
@@ -89,6 +83,48 @@ extension LedgerStore {
             rollbackQuietly()
             preconditionFailure("unexpected error in batch transaction: \(error)")
         }
+    }
+
+    /// Decides the outcome of every message and writes its ledger row and rollup readings,
+    /// duplicate row or dead letter, inside the caller's transaction. The batch writer, backfill
+    /// and dead-letter replay share this step, so an event has one path into the ledger.
+    func writeOutcomes(
+        _ messages: [ValidatedMessage], now: EventTime, limits: ValidationLimits,
+        options: OutcomeOptions = OutcomeOptions()
+    )
+        throws -> [MessageOutcome]
+    {
+        var timings = BatchTimings()
+        return try writeOutcomes(messages, now: now, limits: limits, options: options, timings: &timings)
+    }
+
+    /// Does what `writeOutcomes` does and adds the time of each step to `timings`.
+    func writeOutcomes(
+        _ messages: [ValidatedMessage], now: EventTime, limits: ValidationLimits,
+        options: OutcomeOptions = OutcomeOptions(), timings: inout BatchTimings
+    )
+        throws -> [MessageOutcome]
+    {
+        var lapStart = MonotonicTime.now()
+        func lap() -> Int64 {
+            let end = MonotonicTime.now()
+            defer { lapStart = end }
+            return (end.nanoseconds - lapStart.nanoseconds) / 1000
+        }
+
+        let outcomes = try classify(
+            messages, now: now, limits: limits, reclaimOrphanedKeys: options.reclaimOrphanedKeys)
+        timings.classify += lap()
+        try insertLedgerRows(messages, outcomes: outcomes)
+        timings.ledger += lap()
+        try upsertRollups(messages, outcomes: outcomes)
+        timings.rollups += lap()
+        try insertDuplicates(messages, outcomes: outcomes)
+        if options.insertsDeadLetters {
+            try insertDeadLetters(messages, outcomes: outcomes)
+        }
+        timings.other += lap()
+        return outcomes
     }
 
     // MARK: Offsets

@@ -15,7 +15,12 @@ extension LedgerStore {
     /// every event of its group a duplicate (same payload hash) or a conflict (another hash).
     /// Otherwise the group's first event is accepted and claims the key, and the rest compare
     /// against it. A claim that loses to a concurrent transaction turns into a stored key.
-    func classify(_ messages: [ValidatedMessage], now: EventTime, limits: ValidationLimits) throws -> [MessageOutcome] {
+    ///
+    /// With `reclaimOrphanedKeys`, a stored key whose ledger row was deleted is released first
+    /// and then claimed again like a new key.
+    func classify(
+        _ messages: [ValidatedMessage], now: EventTime, limits: ValidationLimits, reclaimOrphanedKeys: Bool = false
+    ) throws -> [MessageOutcome] {
         var outcomes = [MessageOutcome?](repeating: nil, count: messages.count)
         var groups: [EventKey: [Int]] = [:]
         var keyOrder: [EventKey] = []
@@ -35,6 +40,9 @@ extension LedgerStore {
 
         let lookup = dedupePeriods.lookupRange(now: now, limits: limits)
         var stored = try storedKeys(keyOrder, periods: lookup)
+        if reclaimOrphanedKeys {
+            for key in try releaseOrphanedKeys(stored) { stored[key] = nil }
+        }
 
         let newKeys = keyOrder.filter { stored[$0] == nil }.sorted()
         var newLedgerIDs: [EventKey: Int64] = [:]
@@ -118,6 +126,37 @@ extension LedgerStore {
                 ledgerID: result.int(row: row, column: 3)!)
         }
         return stored
+    }
+
+    /// Deletes the claims of stored keys whose ledger row no longer exists, and returns those
+    /// keys. Locks the claims first, so that a concurrent claim of the same key waits.
+    private func releaseOrphanedKeys(_ stored: [EventKey: StoredKey]) throws(PostgresError) -> [EventKey] {
+        guard !stored.isEmpty else { return [] }
+        let writer = JSONWriter()
+        writer.beginArray()
+        for (key, value) in stored.sorted(by: { $0.key < $1.key }) {
+            writer.beginObject()
+            writer.field("source", key.source.string)
+            writer.field("event_id", key.id.string)
+            writer.field("ledger_id", value.ledgerID)
+            writer.endObject()
+        }
+        writer.endArray()
+        let result = try connection.execute(
+            """
+            DELETE FROM \(schema).dedupe_keys k
+            USING json_to_recordset($1::json) AS d(source text, event_id text, ledger_id bigint)
+            WHERE k.source = d.source COLLATE "C" AND k.event_id = d.event_id COLLATE "C" AND k.ledger_id = d.ledger_id
+              AND NOT EXISTS (SELECT FROM \(schema).ledger l WHERE l.id = d.ledger_id)
+            RETURNING k.source, k.event_id
+            """,
+            [.text(writer.text)])
+        var released = Set<EventKey>()
+        for row in 0..<result.rowCount {
+            released.insert(
+                EventKey(source: result.string(row: row, column: 0)!, id: result.string(row: row, column: 1)!))
+        }
+        return released.sorted()
     }
 
     private func allocateLedgerIDs(_ count: Int) throws(PostgresError) -> [Int64] {

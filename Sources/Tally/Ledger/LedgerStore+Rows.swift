@@ -120,6 +120,7 @@ extension LedgerStore {
         }
 
         // The staging table is emptied at the end of the transaction, by commit or rollback.
+        try ensureRollupStagingTable()
         try connection.copyIn(
             """
             COPY pg_temp.tally_rollup_deltas (meter, subject, groups, minute, quantity, event_time, ledger_id, is_latest)
@@ -152,14 +153,16 @@ extension LedgerStore {
             """)
     }
 
-    /// Creates this session's staging table for rollup deltas, once per connection and outside
-    /// any transaction, so that a rollback cannot remove it. A temporary table is not written
-    /// to the WAL, and `COPY` fills it faster than PostgreSQL parses a JSON array.
-    func ensureRollupStagingTable() throws(PostgresError) {
-        guard !hasRollupStagingTable else { return }
+    /// Creates this session's staging table for rollup deltas when it does not exist. It is
+    /// looked up on every call, because a rollback removes it again when it was created in the
+    /// rolled-back transaction. A temporary table is not written to the WAL, and `COPY` fills
+    /// it faster than PostgreSQL parses a JSON array.
+    private func ensureRollupStagingTable() throws(PostgresError) {
+        let found = try connection.execute("SELECT to_regclass('pg_temp.tally_rollup_deltas') IS NOT NULL")
+        guard found.string(row: 0, column: 0) != "t" else { return }
         try connection.execute(
             """
-            CREATE TEMPORARY TABLE IF NOT EXISTS tally_rollup_deltas (
+            CREATE TEMPORARY TABLE tally_rollup_deltas (
                 meter text COLLATE "C" NOT NULL,
                 subject text COLLATE "C" NOT NULL,
                 groups jsonb NOT NULL,
@@ -170,7 +173,6 @@ extension LedgerStore {
                 is_latest boolean NOT NULL
             ) ON COMMIT DELETE ROWS
             """)
-        hasRollupStagingTable = true
     }
 
     func insertDuplicates(_ messages: [ValidatedMessage], outcomes: [MessageOutcome]) throws(PostgresError) {

@@ -32,8 +32,6 @@ public final class LedgerStore {
     let dedupePeriodSeconds: Int64
     /// The `dedupe_keys` partitions this connection has seen or created.
     var knownDedupePartitions = Set<Int64>()
-    /// Whether this connection's session has created its rollup staging table.
-    var hasRollupStagingTable = false
     /// The Kafka consumer group recorded with each stored offset this store advances.
     public var consumerGroup: String?
 

@@ -20,6 +20,8 @@ enum Schema {
             version: 1, description: "ledger, rollups, dedupe keys, duplicates, dead letters and offsets", sql: version1
         ),
         Migration(version: 2, description: "offset ranges of committed batches", sql: version2),
+        Migration(
+            version: 4, description: "backfill runs, dead-letter replay and the usage function", sql: version4),
     ]
 
     static var latestVersion: Int { migrations.last!.version }

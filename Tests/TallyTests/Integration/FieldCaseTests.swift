@@ -589,35 +589,53 @@ func storedOffset(_ schema: TestSchema, partition: Int = 0) throws -> String? {
 
 /// Polls a schema from its own connection while a worker runs, and hands each reading to a
 /// check that returns a label for it.
+///
+/// It polls on a thread of its own: on Swift's cooperative pool, which has one thread per core,
+/// tests that block in PostgreSQL calls could hold every thread and leave gaps in the readings.
+/// After a stop request it takes one last reading, so the final state is always among them.
 final class SnapshotMonitor: Sendable {
     private final class State: Sendable {
         let labels = Mutex<[String]>([])
         let stopRequested = Mutex(false)
+        let failure = Mutex<String?>(nil)
+        let finished = DispatchSemaphore(value: 0)
     }
 
     private let state = State()
-    private let task: Task<Void, Error>
 
     init(schema: TestSchema, sql: String, label: @escaping @Sendable ([[String?]]) -> String) throws {
         let connection = try PostgresConnection(conninfo: schema.settings.conninfo, applicationName: "tally tests")
         let query = sql.replacingOccurrences(of: "{s}", with: schema.name)
         let state = self.state
         nonisolated(unsafe) let unsafeConnection = connection
-        task = Task.detached {
-            defer { unsafeConnection.close() }
-            while !state.stopRequested.withLock({ $0 }) {
-                let rows = try unsafeConnection.execute(query).rows
-                let reading = label(rows)
-                state.labels.withLock { $0.append(reading) }
-                try await Task.sleep(nanoseconds: 2_000_000)
+        Thread {
+            defer {
+                unsafeConnection.close()
+                state.finished.signal()
             }
-        }
+            do {
+                while true {
+                    let stopping = state.stopRequested.withLock { $0 }
+                    let rows = try unsafeConnection.execute(query).rows
+                    let reading = label(rows)
+                    state.labels.withLock { $0.append(reading) }
+                    if stopping { return }
+                    usleep(2_000)
+                }
+            } catch {
+                state.failure.withLock { $0 = String(describing: error) }
+            }
+        }.start()
     }
 
     /// Stops polling and returns every label seen, in order.
     func stop() async throws -> [String] {
         state.stopRequested.withLock { $0 = true }
-        try await task.value
+        let state = self.state
+        try await onOwnThread { state.finished.wait() }
+        if let failure = state.failure.withLock({ $0 }) {
+            throw SetupError("the snapshot monitor failed: \(failure)")
+        }
         return state.labels.withLock { $0 }
     }
 }

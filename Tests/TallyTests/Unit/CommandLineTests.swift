@@ -1,3 +1,4 @@
+import Tally
 import Testing
 
 @testable import TallyCLI
@@ -10,8 +11,13 @@ struct CommandLineTests {
 
     @Test func helpExitsWithZero() {
         #expect(status("--help") == 0)
-        for command in ["run", "migrate", "stats", "dev-broker"] {
+        for command in ["run", "migrate", "stats", "dev-broker", "backfill", "rebuild", "reconcile", "usage", "events"]
+        {
             #expect(status(command, "--help") == 0, "\(command) --help")
+        }
+        #expect(status("dead-letters", "--help") == 0)
+        for subcommand in ["list", "show", "replay"] {
+            #expect(status("dead-letters", subcommand, "--help") == 0, "dead-letters \(subcommand) --help")
         }
     }
 
@@ -28,6 +34,9 @@ struct CommandLineTests {
         #expect(status("dev-broker", "--topic", "usage:0") == 2)
         #expect(status("dev-broker", "--topic", "a:2", "--topic", "a:3") == 2)
         #expect(status("dev-broker", "--brokers", "0") == 2)
+        #expect(status("dead-letters") == 2)
+        #expect(status("dead-letters", "purge") == 2)
+        #expect(status("backfill", "--from-offset", "1", "--from-time", "2025-01-01T00:00:00Z") == 2)
     }
 
     @Test func unreadableConfigurationExitsWithOne() {
@@ -42,5 +51,57 @@ struct CommandLineTests {
         #expect(parsed.value("config") == "a.yaml")
         #expect(parsed.has("json"))
         #expect(parsed.all("topic") == ["x:1", "y"])
+    }
+}
+
+@Suite("History command lines")
+struct HistoryCommandLineTests {
+    func backfillRequest(_ arguments: String...) throws -> BackfillRequest {
+        try BackfillCommand.request(ParsedArguments.parse(arguments, spec: BackfillCommand.options))
+    }
+
+    @Test func backfillRangeOptions() throws {
+        let request = try backfillRequest(
+            "--topic", "usage", "--partition", "2", "--partition", "0", "--from-offset", "10", "--to-offset", "end",
+            "--event-time-from", "2025-03-09T02:00:00Z")
+        #expect(request.partitions == [2, 0])
+        #expect(request.from == .offset(10))
+        #expect(request.to == .end)
+        #expect(request.eventTimeFrom == (try EventTime.parseRFC3339("2025-03-09T02:00:00Z")))
+        #expect(!request.dryRun)
+
+        let byTime = try backfillRequest("--topic", "usage", "--from-time", "2025-03-09T02:00:00-05:00", "--dry-run")
+        #expect(byTime.from == .time(try EventTime.parseRFC3339("2025-03-09T07:00:00Z")))
+        #expect(byTime.to == .end)
+        #expect(byTime.dryRun)
+    }
+
+    @Test func backfillRejectsWrongRanges() {
+        for arguments in [
+            ["--from-offset", "0"],
+            ["--topic", "usage", "--from-offset", "-3"],
+            ["--topic", "usage", "--to-offset", "beginning"],
+            ["--topic", "usage", "--partition", "x"],
+            ["--topic", "usage", "--to-offset", "5", "--to-time", "2025-01-01T00:00:00Z"],
+            ["--topic", "usage", "--from-time", "yesterday"],
+            [
+                "--topic", "usage", "--event-time-from", "2025-01-02T00:00:00Z", "--event-time-to",
+                "2025-01-01T00:00:00Z",
+            ],
+        ] {
+            #expect(throws: UsageError.self, "\(arguments)") {
+                try BackfillCommand.request(ParsedArguments.parse(arguments, spec: BackfillCommand.options))
+            }
+        }
+    }
+
+    @Test func showPrintsTextOrHex() {
+        #expect(DeadLettersShowCommand.rendered("value", Array("{}".utf8)) == "value (2 bytes, text):\n{}")
+        #expect(DeadLettersShowCommand.rendered("value", [0x7B, 0xFF, 0x0A]) == "value (3 bytes, hex):\n7bff0a")
+        #expect(DeadLettersShowCommand.rendered("key", nil) == "key: null")
+    }
+
+    @Test func csvQuotesWhereNeeded() {
+        #expect(csv([["a", "b,c", #"say "hi""#], ["1", "2\n3", ""]]) == "a,\"b,c\",\"say \"\"hi\"\"\"\n1,\"2\n3\",")
     }
 }
