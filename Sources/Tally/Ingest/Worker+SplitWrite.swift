@@ -96,14 +96,38 @@ extension Worker {
                 logger.info(
                     "a split transaction failed; retrying its messages on the main connection",
                     ["error": error, "batch.messages": half.validated.count, "pg.connection": owner])
-                if owner == "split", case .database(let databaseError) = error, databaseError.isConnectionProblem {
-                    helper.store?.connection.close()
-                    helper.store = nil
+                if case .database(let databaseError) = error, databaseError.isConnectionProblem {
+                    if owner == "split" {
+                        helper.store?.connection.close()
+                        helper.store = nil
+                    }
+                    if wasCommittedBeforeLoss(half.validated) { continue }
                 }
                 failed.append(half.validated)
             }
         }
         return failed
+    }
+
+    /// Checks whether a transaction whose connection was lost had committed: then every stored
+    /// offset of its partitions is at exactly its end. Records the commit when it had, with the
+    /// offsets only, because its counts are unknown here.
+    /// NOTE: no test loses a connection during a split commit, so this path has only been read.
+    private func wasCommittedBeforeLoss(_ messages: [ValidatedMessage]) -> Bool {
+        var ends: [PartitionID: Int64] = [:]
+        for validated in messages {
+            ends[validated.partitionID] = max(ends[validated.partitionID] ?? 0, validated.message.offset + 1)
+        }
+        guard let store = connectedStore(), let current = try? store.storedOffsets(Array(ends.keys)), current == ends
+        else {
+            return false
+        }
+        logger.info(
+            "the split transaction was committed before its connection was lost", ["batch.messages": messages.count])
+        var summary = BatchSummary()
+        summary.nextOffsets = ends
+        recordCommit(summary)
+        return true
     }
 
     private func expectedOffsets(_ messages: [KafkaMessage]) -> [PartitionID: Int64?] {
