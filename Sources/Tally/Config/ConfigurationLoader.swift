@@ -166,6 +166,7 @@ private struct ConfigurationReader {
             node, "ingest",
             allowed: [
                 "dedupe_window", "max_future_skew", "max_payload_bytes", "batch", "commit_to_kafka", "shutdown_timeout",
+                "write_connections",
             ])
         var settings = IngestSettings()
         if let value = ingest["dedupe_window"] {
@@ -188,6 +189,9 @@ private struct ConfigurationReader {
         }
         if let value = ingest["commit_to_kafka"] {
             settings.commitToKafka = try boolean(value, "ingest.commit_to_kafka")
+        }
+        if let value = ingest["write_connections"] {
+            settings.writeConnections = try integer(value, "ingest.write_connections", range: 1...2)
         }
         if let value = ingest["shutdown_timeout"] {
             settings.shutdownTimeoutMilliseconds = Int(try duration(value, "ingest.shutdown_timeout") / 1000)

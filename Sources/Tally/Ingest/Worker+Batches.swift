@@ -13,7 +13,15 @@ extension Worker {
         pending.removeAll()
 
         let now = clock.now()
+        if let failed = writeSplit(messages, now: now) {
+            for half in failed { write(half, validatedAt: now) }
+            return
+        }
+        let started = MonotonicTime.now()
         let batch = messages.map { ValidatedMessage(message: $0, outcome: validator.validate($0.value, now: now)) }
+        logger.debug(
+            "batch validated",
+            ["batch.messages": batch.count, "stage.validate_ms": milliseconds(since: started)])
         observer.batchValidated(batch.count)
         write(batch, validatedAt: now)
     }
@@ -292,7 +300,7 @@ extension Worker {
         return ends
     }
 
-    private func recordCommit(_ summary: BatchSummary) {
+    func recordCommit(_ summary: BatchSummary) {
         for (partition, next) in summary.nextOffsets {
             positions[partition]?.storedOffset = next
         }
@@ -302,6 +310,11 @@ extension Worker {
             [
                 "ledger.accepted": summary.accepted, "ledger.duplicates": summary.duplicates,
                 "ledger.dead_letters": summary.deadLetterCount, "batch.partitions": summary.nextOffsets.count,
+                "stage.classify_ms": milliseconds(summary.timings.classify),
+                "stage.ledger_ms": milliseconds(summary.timings.ledger),
+                "stage.rollups_ms": milliseconds(summary.timings.rollups),
+                "stage.other_ms": milliseconds(summary.timings.other),
+                "stage.commit_ms": milliseconds(summary.timings.commit),
             ])
 
         if configuration.ingest.commitToKafka, let consumer {
@@ -392,6 +405,15 @@ private struct RetryState {
         self.validatedAt = validatedAt
         self.isolated = isolated
     }
+}
+
+/// Formats microseconds as milliseconds with one decimal, for the stage timings in the debug log.
+private func milliseconds(_ microseconds: Int64) -> String {
+    "\(microseconds / 1000).\(microseconds % 1000 / 100)"
+}
+
+private func milliseconds(since start: MonotonicTime) -> String {
+    milliseconds((MonotonicTime.now().nanoseconds - start.nanoseconds) / 1000)
 }
 
 /// Returns the text with every character outside printable ASCII written as `\u{…}`.

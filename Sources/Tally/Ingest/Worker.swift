@@ -47,6 +47,8 @@ public final class Worker: KafkaRebalanceHandler {
     let observer: Observer
 
     var store: LedgerStore?
+    /// The second connection for batches written as two transactions; nil until first needed.
+    var splitWriter: SplitWriter?
     var consumer: KafkaConsumer?
     /// The assigned partitions, with the stored offset of each as of the last commit.
     var positions: [PartitionID: PartitionPosition] = [:]
@@ -87,6 +89,8 @@ public final class Worker: KafkaRebalanceHandler {
             consumer = nil
             store?.connection.close()
             store = nil
+            splitWriter?.store?.connection.close()
+            splitWriter = nil
         }
         logger.info(
             "worker started",

@@ -47,8 +47,22 @@ public struct BatchSummary: Sendable {
     public var gaps: [OffsetGap] = []
     /// The outcome of each message, in the order of the batch.
     public var outcomes: [MessageOutcome] = []
+    /// The duration of each stage of the transaction, for the debug log.
+    public var timings = BatchTimings()
 
     public var deadLetterCount: Int { deadLetters.values.reduce(0, +) }
+}
+
+/// The time each stage of a committed batch's transaction took, in microseconds of the
+/// monotonic clock, measured on the calling thread. Each includes PostgreSQL's time.
+public struct BatchTimings: Sendable {
+    /// BEGIN, locking the stored offsets, dedupe lookups, ledger id allocation and key claims.
+    public var classify: Int64 = 0
+    public var ledger: Int64 = 0
+    public var rollups: Int64 = 0
+    /// Duplicates, dead letters, offset gaps and the stored offsets.
+    public var other: Int64 = 0
+    public var commit: Int64 = 0
 }
 
 /// The reason a batch was not committed.

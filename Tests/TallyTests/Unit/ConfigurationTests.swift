@@ -59,6 +59,7 @@ struct ConfigurationTests {
                   dedupe_window: 40d
                   max_future_skew: 90s
                   max_payload_bytes: 512KiB
+                  write_connections: 1
                   batch:
                     max_messages: 100
                     max_bytes: 2MiB
@@ -70,6 +71,7 @@ struct ConfigurationTests {
         #expect(configuration.ingest.batchMaxMessages == 100)
         #expect(configuration.ingest.batchMaxBytes == 2 << 20)
         #expect(configuration.ingest.batchMaxWaitMilliseconds == 20)
+        #expect(configuration.ingest.writeConnections == 1)
     }
 
     @Test func limitsOutsideTheirRangeAreRejected() {
@@ -78,6 +80,7 @@ struct ConfigurationTests {
         #expect(message(Self.minimal + "\ningest:\n  max_future_skew: 2d").contains("at most 1d"))
         #expect(message(Self.minimal + "\ningest:\n  batch:\n    max_bytes: 1GiB").contains("to 256MiB"))
         #expect(message(Self.minimal + "\ningest:\n  batch:\n    max_messages: 0").contains("from 1 to"))
+        #expect(message(Self.minimal + "\ningest:\n  write_connections: 3").contains("from 1 to 2"))
     }
 
     @Test func unknownKeyNamesItsPlace() {
