@@ -98,6 +98,10 @@ extension LedgerStore {
     /// dead letter with the new reason. Resolved dead letters are never taken again, so a
     /// second replay adds nothing.
     ///
+    /// Replay never claims an idempotency key again whose ledger row was deleted: such a dead
+    /// letter stays unresolved as `duplicate_id_conflict`, with a detail that names the
+    /// missing row and says to run `tally backfill` over the original event's offsets first.
+    ///
     /// NOTE: an event that PostgreSQL rejects again (SQLSTATE class 22 or 54, the dead letters
     /// `storage_rejected`) fails its whole replay batch, and the replay stops with that error;
     /// exclude that reason from the filter. It is not isolated one message at a time as in
@@ -158,14 +162,39 @@ extension LedgerStore {
                 timestampMilliseconds: rows.int(row: row, column: 4))
             messages.append(ValidatedMessage(message: message, outcome: validator.validate(message.value, now: now)))
         }
-        let outcomes = try writeOutcomes(
-            messages, now: now, limits: validator.limits,
-            options: OutcomeOptions(reclaimOrphanedKeys: true, insertsDeadLetters: false))
+        // A dead letter whose idempotency key was accepted before, but whose original ledger
+        // row is gone, stays a dead letter: accepting it would put a later event (such as a
+        // resend with another payload) in the place of the original. A backfill over the
+        // original's offsets restores that row first.
+        let keys = messages.compactMap { validated -> EventKey? in
+            if case .accepted(let event) = validated.outcome { return event.key }
+            return nil
+        }
+        let orphaned = try orphanedKeys(keys, now: now, limits: validator.limits)
+        var outcomes = [MessageOutcome?](repeating: nil, count: messages.count)
+        var writable: [Int] = []
+        for (index, validated) in messages.enumerated() {
+            guard case .accepted(let event) = validated.outcome, let original = orphaned[event.key] else {
+                writable.append(index)
+                continue
+            }
+            let relation =
+                event.payloadSHA256 == original.payloadSHA256
+                ? "with the same payload" : "with another payload (sha256 \(original.payloadSHA256.hexString))"
+            let detail =
+                "event \(event.key) was accepted before \(relation) as ledger row \(original.ledgerID), which no longer exists; run tally backfill over the original event's offsets first, then replay this dead letter"
+            outcomes[index] = .deadLetter(
+                Rejection(.duplicateIDConflict, detail, eventKey: event.key, originalLedgerID: original.ledgerID))
+        }
+        let written = try writeOutcomes(
+            writable.map { messages[$0] }, now: now, limits: validator.limits,
+            options: OutcomeOptions(insertsDeadLetters: false))
+        for (index, outcome) in zip(writable, written) { outcomes[index] = outcome }
 
         var summary = ReplaySummary()
         let writer = JSONWriter()
         writer.beginArray()
-        for (index, outcome) in outcomes.enumerated() {
+        for (index, outcome) in outcomes.map({ $0! }).enumerated() {
             writer.beginObject()
             writer.field("id", ids[index])
             switch outcome {
