@@ -82,9 +82,14 @@ public struct BackfillBatchSummary: Sendable {
 
 extension LedgerStore {
     /// Records a new run with its partition ranges, in its own transaction unless one is open.
+    ///
+    /// A dry run's row is rolled back, so it takes the id `-pg_backend_pid()` instead of a
+    /// value of the id sequence: sequence values are not returned on rollback, and the
+    /// recorded runs would show gaps. The backend pid is unique among open sessions, so
+    /// concurrent dry runs do not collide.
     public func createBackfillRun(
         topic: String, rangeDescription: String, eventTimeFrom: EventTime?, eventTimeTo: EventTime?,
-        partitions: [BackfillPartition]
+        partitions: [BackfillPartition], isDryRun: Bool = false
     ) throws(PostgresError) -> Int64 {
         let writer = JSONWriter()
         writer.beginArray()
@@ -100,8 +105,10 @@ extension LedgerStore {
         let result = try connection.execute(
             """
             WITH run AS (
-                INSERT INTO \(schema).backfill_runs (topic, range_description, event_time_from, event_time_to, status)
-                VALUES ($1, $2, $3, $4, 'running')
+                INSERT INTO \(schema).backfill_runs (id, topic, range_description, event_time_from, event_time_to, status)
+                VALUES (
+                    CASE WHEN $6::boolean THEN -pg_backend_pid() ELSE nextval(pg_get_serial_sequence($7, 'id')) END,
+                    $1, $2, $3, $4, 'running')
                 RETURNING id
             ), ranges AS (
                 INSERT INTO \(schema).backfill_partitions (run_id, topic, partition, from_offset, to_offset, next_offset)
@@ -112,7 +119,8 @@ extension LedgerStore {
             """,
             [
                 .text(topic), .text(rangeDescription), eventTimeFrom.map { .text($0.rfc3339) },
-                eventTimeTo.map { .text($0.rfc3339) }, .text(writer.text),
+                eventTimeTo.map { .text($0.rfc3339) }, .text(writer.text), .text(isDryRun ? "true" : "false"),
+                .text("\(schema).backfill_runs"),
             ])
         return result.int(row: 0, column: 0)!
     }

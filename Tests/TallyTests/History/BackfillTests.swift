@@ -168,6 +168,11 @@ struct BackfillTests {
             #expect(try Self.ledgerSnapshot(schema) == ledger)
             #expect(try schema.count("SELECT count(*) FROM {s}.backfill_runs") == 0)
             #expect(try schema.count("SELECT count(*) FROM {s}.batches WHERE backfill_run IS NOT NULL") == 0)
+
+            // The dry run took no value of the id sequence, so the first real run is number 1.
+            #expect(result.run.id < 0)
+            let real = try await runBackfill(kafka, schema)
+            #expect(real.run.id == 1)
         }
     }
 
@@ -207,6 +212,11 @@ struct BackfillTests {
             #expect(chain.last?[1] == "32")
             #expect(zip(chain, chain.dropFirst()).allSatisfy { $0[1] == $1[0] })
             try schema.expectInvariants()
+
+            let finished = try await runBackfill(kafka, schema) { try $0.resume(runID: runID) }
+            #expect(finished.wasAlreadyFinished)
+            #expect(!resumed.wasAlreadyFinished)
+            #expect(try Self.ledgerSnapshot(schema) == ledger)
         }
     }
 

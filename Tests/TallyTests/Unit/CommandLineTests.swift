@@ -88,11 +88,30 @@ struct HistoryCommandLineTests {
                 "--topic", "usage", "--event-time-from", "2025-01-02T00:00:00Z", "--event-time-to",
                 "2025-01-01T00:00:00Z",
             ],
+            ["--topic", "usage", "--from-offset", "10", "--to-offset", "5"],
+            ["--topic", "usage", "--from-time", "2025-01-02T00:00:00Z", "--to-time", "2025-01-01T00:00:00Z"],
         ] {
             #expect(throws: UsageError.self, "\(arguments)") {
                 try BackfillCommand.request(ParsedArguments.parse(arguments, spec: BackfillCommand.options))
             }
         }
+    }
+
+    @Test func backfillRejectsOptionsItWouldIgnore() throws {
+        // The configuration is never read: the combination is rejected first, with exit 2.
+        let config = ["--config", "/nonexistent/tally.yaml"]
+        #expect(TallyCommand.main(["tally", "backfill"] + config + ["--resume", "22", "--dry-run"]) == 2)
+        #expect(TallyCommand.main(["tally", "backfill"] + config + ["--resume", "22", "--topic", "usage"]) == 2)
+        #expect(TallyCommand.main(["tally", "backfill"] + config + ["--resume", "22", "--list"]) == 2)
+        #expect(TallyCommand.main(["tally", "backfill"] + config + ["--list", "--topic", "usage"]) == 2)
+        #expect(TallyCommand.main(["tally", "backfill"] + config + ["--topic", "usage", "--json"]) == 2)
+        #expect(
+            TallyCommand.main(
+                ["tally", "backfill"] + config + ["--topic", "usage", "--from-offset", "10", "--to-offset", "5"]) == 2)
+        // A valid combination gets as far as reading the configuration.
+        #expect(TallyCommand.main(["tally", "backfill"] + config + ["--resume", "22"]) == 1)
+        #expect(TallyCommand.main(["tally", "backfill"] + config + ["--list", "--json"]) == 1)
+        #expect(try backfillRequest("--topic", "usage", "--from-offset", "5", "--to-offset", "5").from == .offset(5))
     }
 
     @Test func showPrintsTextOrHex() {
