@@ -195,10 +195,14 @@ enum BackfillCommand: Command {
         }
         var text: String
         if isDryRun {
-            text = "Dry run: nothing was written. It would add:\n\n"
-            var additions = [["METER", "SUBJECT", "MINUTE", "EVENTS", "SUM"]]
-            additions += result.dryRunAdditions
-            text += StatsCommand.table(additions) + "\n\n"
+            text = "Dry run\(result.stopped ? " interrupted before the end of the range" : ""): nothing was written. "
+            if result.dryRunAdditions.isEmpty {
+                text += "It would add no readings.\n\n"
+            } else {
+                text += "It would add:\n\n"
+                let header = ["METER", "SUBJECT", "GROUPS", "MINUTE", "EVENTS", "AGGREGATION", "VALUE"]
+                text += StatsCommand.table([header] + result.dryRunAdditions) + "\n\n"
+            }
         } else if result.wasAlreadyFinished {
             text = "Backfill run \(run.id) had already finished; nothing was read. Its recorded counts:\n\n"
         } else {
@@ -218,18 +222,25 @@ enum BackfillCommand: Command {
     static func renderRuns(_ runs: [BackfillRun]) -> String {
         var rows = [
             [
-                "RUN", "STATUS", "TOPIC", "RANGE", "PARTITIONS", "OFFSETS", "ACCEPTED", "DUPLICATES", "DEAD LETTERS",
-                "STARTED", "UPDATED",
+                "RUN", "STATUS", "TOPIC", "RANGE", "PARTITIONS", "EVENT TIME", "OFFSETS", "ACCEPTED", "DUPLICATES",
+                "DEAD LETTERS", "STARTED", "UPDATED",
             ]
         ]
         for run in runs {
             rows.append([
-                String(run.id), run.status.rawValue, run.topic, run.rangeDescription, String(run.partitions.count),
+                String(run.id), run.status.rawValue, run.topic, run.rangeDescription,
+                run.partitions.map { String($0.partition.partition) }.joined(separator: ","), eventTimeText(run),
                 "\(run.doneOffsets)/\(run.totalOffsets)", String(run.counts.accepted),
                 String(run.counts.duplicatesAndRecorded), String(run.counts.deadLetters), run.startedAt, run.updatedAt,
             ])
         }
         return StatsCommand.table(rows)
+    }
+
+    /// The event-time filter of a run as `from..to`, with `*` for an open end, or `-` for none.
+    static func eventTimeText(_ run: BackfillRun) -> String {
+        guard run.eventTimeFrom != nil || run.eventTimeTo != nil else { return "-" }
+        return "\(run.eventTimeFrom?.rfc3339 ?? "*")..\(run.eventTimeTo?.rfc3339 ?? "*")"
     }
 
     static func renderRunsJSON(_ runs: [BackfillRun]) -> String {

@@ -81,6 +81,7 @@ enum DeadLettersListCommand: Command {
                              on stderr says so.
           --resolved         Include dead letters that a replay resolved.
           --json             Print a JSON array.
+          --log-level LEVEL  debug, info, warning or error (default: warning).
         """
 
     static let options = OptionSpec(
@@ -145,6 +146,9 @@ enum DeadLettersShowCommand: Command {
 
         Prints one dead letter: its reason, detail and Kafka coordinates, its headers, and its
         raw key and value, as text when the bytes are valid UTF-8 and as hexadecimal otherwise.
+
+        Options:
+          --log-level LEVEL  debug, info, warning or error (default: warning).
         """
 
     static let options = OptionSpec(options: ["config": .value, "id": .value, "log-level": .value])
@@ -205,7 +209,17 @@ enum DeadLettersReplayCommand: Command {
         recorded first, as the worker does at start.
 
         Events are validated with the current clock, so events older than the dedupe window
-        stay dead letters too_late.
+        stay dead letters too_late. A dead letter whose event id was accepted before, but whose
+        original ledger row no longer exists, stays a dead letter duplicate_id_conflict: run
+        tally backfill over the original event's offsets first, then replay it.
+
+        Options:
+          --reason REASON    A reason code such as invalid_value; repeat it for several.
+          --topic TOPIC      The Kafka topic.
+          --partition N      A partition; repeat it for several.
+          --from TIME        Received at or after TIME (RFC 3339).
+          --to TIME          Received before TIME.
+          --log-level LEVEL  debug, info, warning or error (default: info).
         """
 
     static let options = OptionSpec(options: DeadLettersCommand.filterOptions)

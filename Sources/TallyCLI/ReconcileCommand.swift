@@ -21,10 +21,11 @@ enum ReconcileCommand: Command {
         CI. Conflicts and late events are reported but are not failures.
 
         Options:
-          --from TIME    The start of the rollup check, RFC 3339 (default: 24 hours ago).
-          --to TIME      Its end, exclusive (default: now).
-          --offline      Do not ask Kafka for log starts and ends.
-          --json         Print one JSON document.
+          --from TIME        The start of the rollup check, RFC 3339 (default: 24 hours ago).
+          --to TIME          Its end, exclusive (default: now).
+          --offline          Do not ask Kafka for log starts and ends.
+          --json             Print one JSON document.
+          --log-level LEVEL  debug, info, warning or error (default: warning).
         """
 
     static let options = OptionSpec(options: [

@@ -61,7 +61,7 @@ public struct BackfillProgress: Sendable {
 }
 
 /// The end of a backfill: the run as stored, and for a dry run what it would add per meter,
-/// subject and minute (`meter, subject, minute, events, sum`).
+/// subject, groups and minute (`meter, subject, groups, minute, events, aggregation, value`).
 public struct BackfillResult: Sendable {
     public var run: BackfillRun
     public var stopped: Bool
@@ -356,7 +356,10 @@ public final class Backfill {
         }
 
         if dryRun {
-            let additions = try store.readingsPerMinute(ledgerIDs: dryRunLedgerIDs)
+            let aggregations = Dictionary(
+                configuration.meters.map { ($0.slug, $0.aggregation.rawValue) }, uniquingKeysWith: { first, _ in first }
+            )
+            let additions = try store.readingsPerMinute(ledgerIDs: dryRunLedgerIDs, aggregations: aggregations)
             return BackfillResult(run: run, stopped: stopped, dryRunAdditions: additions)
         }
         let status: BackfillRun.Status = stopped ? .interrupted : .finished

@@ -342,20 +342,43 @@ extension LedgerStore {
             ])
     }
 
-    /// Sums the readings of the given ledger rows per meter, subject and minute: what a dry run
-    /// would add. Runs inside the dry run's transaction, before it rolls back.
-    public func readingsPerMinute(ledgerIDs: [Int64]) throws(PostgresError) -> [[String]] {
+    /// Combines the readings of the given ledger rows per meter, subject, groups and minute,
+    /// with each meter's aggregation from `aggregations` (slug to `sum`, `count`, `min`, `max`
+    /// or `latest`; sum when a slug is missing): what a dry run would add. Runs inside the dry
+    /// run's transaction, before it rolls back. Each row is `meter, subject, groups (JSON),
+    /// minute, events, aggregation, value`.
+    public func readingsPerMinute(ledgerIDs: [Int64], aggregations: [String: String]) throws(PostgresError)
+        -> [[String]]
+    {
         guard !ledgerIDs.isEmpty else { return [] }
+        let writer = JSONWriter()
+        writer.beginObject()
+        for (slug, aggregation) in aggregations.sorted(by: { $0.key < $1.key }) { writer.field(slug, aggregation) }
+        writer.endObject()
         let result = try connection.execute(
             """
-            SELECT m.key, l.subject, to_char(date_trunc('minute', l.event_time), 'YYYY-MM-DD"T"HH24:MI"Z"'),
-                   count(*)::text, sum((m.value ->> 'quantity')::numeric)::text
-            FROM \(schema).ledger l CROSS JOIN LATERAL jsonb_each(l.meters) AS m
-            WHERE l.id = ANY($1::bigint[])
-            GROUP BY 1, 2, 3
-            ORDER BY 1, 2, 3
+            WITH readings AS (
+                SELECT m.key AS meter, l.subject, coalesce(m.value -> 'groups', '{}'::jsonb) AS groups,
+                       date_trunc('minute', l.event_time AT TIME ZONE 'UTC') AS minute,
+                       (m.value ->> 'quantity')::numeric AS quantity, l.event_time, l.id,
+                       coalesce($2::jsonb ->> m.key, 'sum') AS aggregation
+                FROM \(schema).ledger l CROSS JOIN LATERAL jsonb_each(l.meters) AS m
+                WHERE l.id = ANY($1::bigint[])
+            )
+            SELECT meter, subject, groups::text, to_char(minute, 'YYYY-MM-DD"T"HH24:MI"Z"'), count(*)::text,
+                   aggregation,
+                   (CASE aggregation
+                        WHEN 'count' THEN count(*)::numeric
+                        WHEN 'min' THEN min(quantity)
+                        WHEN 'max' THEN max(quantity)
+                        WHEN 'latest' THEN (array_agg(quantity ORDER BY event_time DESC, id DESC))[1]
+                        ELSE sum(quantity)
+                    END)::text
+            FROM readings
+            GROUP BY meter, subject, groups, minute, aggregation
+            ORDER BY 1, 2, 3, 4
             """,
-            [.text("{" + ledgerIDs.map(String.init).joined(separator: ",") + "}")])
+            [.text("{" + ledgerIDs.map(String.init).joined(separator: ",") + "}"), .text(writer.text)])
         return result.rows.map { $0.map { $0 ?? "" } }
     }
 }

@@ -114,6 +114,24 @@ struct HistoryCommandLineTests {
         #expect(try backfillRequest("--topic", "usage", "--from-offset", "5", "--to-offset", "5").from == .offset(5))
     }
 
+    @Test func helpNamesEveryOption() {
+        let commands: [(String, Command.Type)] = [
+            ("backfill", BackfillCommand.self), ("rebuild", RebuildCommand.self), ("reconcile", ReconcileCommand.self),
+            ("usage", UsageCommand.self), ("events", EventsCommand.self),
+            ("dead-letters list", DeadLettersListCommand.self), ("dead-letters show", DeadLettersShowCommand.self),
+            ("dead-letters replay", DeadLettersReplayCommand.self),
+        ]
+        for (name, command) in commands {
+            // The id of `dead-letters show ID` is positional; the parser turns it into --id.
+            for option in command.options.options.keys where option != "id" {
+                #expect(command.help.contains("--\(option)"), "tally \(name) --help does not name --\(option)")
+            }
+        }
+        for usage in ["list --config FILE", "show --config FILE", "replay --config FILE"] {
+            #expect(DeadLettersCommand.help.contains(usage), "tally dead-letters --help lacks \(usage)")
+        }
+    }
+
     @Test func showPrintsTextOrHex() {
         #expect(DeadLettersShowCommand.rendered("value", Array("{}".utf8)) == "value (2 bytes, text):\n{}")
         #expect(DeadLettersShowCommand.rendered("value", [0x7B, 0xFF, 0x0A]) == "value (3 bytes, hex):\n7bff0a")
