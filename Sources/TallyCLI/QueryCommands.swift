@@ -67,9 +67,10 @@ enum UsageCommand: Command {
                 "meter \(meter) has no group-by key \(key); its keys are: \(groupNames.sorted().joined(separator: ", "))"
             )
         }
-        guard try store.isKnownTimeZone(timeZone) else {
+        guard try store.isValidTimeZone(timeZone) else {
             throw UsageError(
-                "--time-zone \(timeZone) is not a time zone PostgreSQL knows; give an IANA name such as Europe/Berlin")
+                "--time-zone \(timeZone) is not a valid time zone in PostgreSQL; give an IANA name such as Europe/Berlin"
+            )
         }
         let rows = try store.usage(
             meter: meter, from: from, to: to, window: window, timeZone: timeZone, subject: arguments.value("subject"),

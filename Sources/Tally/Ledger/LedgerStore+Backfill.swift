@@ -342,11 +342,11 @@ extension LedgerStore {
             ])
     }
 
-    /// Combines the readings of the given ledger rows per meter, subject, groups and minute,
-    /// with each meter's aggregation from `aggregations` (slug to `sum`, `count`, `min`, `max`
-    /// or `latest`; sum when a slug is missing): what a dry run would add. Runs inside the dry
-    /// run's transaction, before it rolls back. Each row is `meter, subject, groups (JSON),
-    /// minute, events, aggregation, value`.
+    /// Combines the readings of the given ledger rows per meter, subject, groups and minute:
+    /// what a dry run would add. `aggregations` maps a meter slug to `sum`, `count`, `min`,
+    /// `max` or `latest`, and a slug without an entry is summed. Each row is `meter, subject,
+    /// groups (JSON), minute, events, aggregation, value`. Runs inside the dry run's
+    /// transaction, before it rolls back.
     public func readingsPerMinute(ledgerIDs: [Int64], aggregations: [String: String]) throws(PostgresError)
         -> [[String]]
     {

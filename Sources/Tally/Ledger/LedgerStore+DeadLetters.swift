@@ -98,9 +98,9 @@ extension LedgerStore {
     /// dead letter with the new reason. Resolved dead letters are never taken again, so a
     /// second replay adds nothing.
     ///
-    /// Replay never claims an idempotency key again whose ledger row was deleted: such a dead
-    /// letter stays unresolved as `duplicate_id_conflict`, with a detail that names the
-    /// missing row and says to run `tally backfill` over the original event's offsets first.
+    /// Replay never claims an idempotency key again whose ledger row was deleted. Such a dead
+    /// letter stays unresolved as `duplicate_id_conflict`, and its detail names the missing
+    /// row and tells the operator to run `tally backfill` over the original event's offsets.
     ///
     /// NOTE: an event that PostgreSQL rejects again (SQLSTATE class 22 or 54, the dead letters
     /// `storage_rejected`) fails its whole replay batch, and the replay stops with that error;

@@ -48,8 +48,8 @@ extension LedgerStore {
         return meters
     }
 
-    /// Returns whether PostgreSQL knows `name` as a time zone.
-    public func isKnownTimeZone(_ name: String) throws(PostgresError) -> Bool {
+    /// Returns whether `name` is a time zone of PostgreSQL's time zone database.
+    public func isValidTimeZone(_ name: String) throws(PostgresError) -> Bool {
         do {
             try connection.execute("SELECT now() AT TIME ZONE $1", [.text(name)])
             return true

@@ -103,10 +103,10 @@ struct DeadLetterReplayTests {
             #expect(replayed.duplicates == 0)
             #expect(replayed.stillFailing == ["duplicate_id_conflict": 1])
             #expect(try schema.count("SELECT count(*) FROM {s}.ledger WHERE event_id = 'b-2'") == 0)
-            let kept = try store.deadLetters(filter, limit: 10)
-            #expect(kept.map(\.offset) == [2])
-            #expect(kept.first?.detail.contains("ledger row \(originalID), which no longer exists") == true)
-            #expect(kept.first?.detail.contains("tally backfill") == true)
+            let unresolved = try store.deadLetters(filter, limit: 10)
+            #expect(unresolved.map(\.offset) == [2])
+            #expect(unresolved.first?.detail.contains("ledger row \(originalID), which no longer exists") == true)
+            #expect(unresolved.first?.detail.contains("tally backfill") == true)
 
             let configuration = try testConfiguration(kafka: kafka, schema: schema)
             let logger = schema.logger
