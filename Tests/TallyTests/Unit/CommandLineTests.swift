@@ -1,3 +1,4 @@
+import Foundation
 import Tally
 import Testing
 
@@ -129,6 +130,22 @@ struct HistoryCommandLineTests {
         }
         for usage in ["list --config FILE", "show --config FILE", "replay --config FILE"] {
             #expect(DeadLettersCommand.help.contains(usage), "tally dead-letters --help lacks \(usage)")
+        }
+    }
+
+    @Test func configurationDocNamesEveryCommand() throws {
+        let docs = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent(
+            "../../../docs/configuration.md")
+        let text = try String(contentsOf: docs, encoding: .utf8)
+        let intro = text.components(separatedBy: "\n\n").prefix(2).joined(separator: " ")
+        let commands: [(String, Command.Type)] = [
+            ("run", RunCommand.self), ("migrate", MigrateCommand.self), ("stats", StatsCommand.self),
+            ("dev-broker", DevBrokerCommand.self), ("backfill", BackfillCommand.self), ("rebuild", RebuildCommand.self),
+            ("reconcile", ReconcileCommand.self), ("usage", UsageCommand.self), ("events", EventsCommand.self),
+            ("dead-letters", DeadLettersListCommand.self),
+        ]
+        for (name, command) in commands where command.options.options["config"] != nil {
+            #expect(intro.contains("`\(name)`") || intro.contains("`tally \(name)`"), "configuration.md omits \(name)")
         }
     }
 
