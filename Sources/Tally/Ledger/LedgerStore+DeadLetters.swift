@@ -99,8 +99,9 @@ extension LedgerStore {
     /// second replay adds nothing.
     ///
     /// Replay never claims an idempotency key again whose ledger row was deleted. Such a dead
-    /// letter stays unresolved as `duplicate_id_conflict`, and its detail names the missing
-    /// row and tells the operator to run `tally backfill` over the original event's offsets.
+    /// letter stays unresolved: as `duplicate_id_conflict` when its payload differs from the
+    /// original's, and with its old reason when it is an exact copy. Its detail names the
+    /// missing row and tells the operator to run `tally backfill` over the original's offsets.
     ///
     /// NOTE: an event that PostgreSQL rejects again (SQLSTATE class 22 or 54, the dead letters
     /// `storage_rejected`) fails its whole replay batch, and the replay stops with that error;
@@ -141,7 +142,7 @@ extension LedgerStore {
             """
             SELECT id, kafka_topic, kafka_partition, kafka_offset,
                    (extract(epoch FROM kafka_timestamp) * 1000)::bigint,
-                   encode(message_key, 'hex'), encode(message_value, 'hex')
+                   encode(message_key, 'hex'), encode(message_value, 'hex'), reason
             FROM \(schema).dead_letters
             WHERE \(Self.filterCondition) AND resolved_at IS NULL AND id > $8
             ORDER BY id
@@ -152,9 +153,11 @@ extension LedgerStore {
         guard rows.rowCount > 0 else { return (nil, ReplaySummary()) }
 
         var ids: [Int64] = []
+        var reasons: [String] = []
         var messages: [ValidatedMessage] = []
         for row in 0..<rows.rowCount {
             ids.append(rows.int(row: row, column: 0)!)
+            reasons.append(rows.string(row: row, column: 7)!)
             let message = KafkaMessage(
                 topic: rows.string(row: row, column: 1)!, partition: Int32(rows.int(row: row, column: 2)!),
                 offset: rows.int(row: row, column: 3)!, key: rows.string(row: row, column: 5).map(bytes(fromHex:)),
@@ -178,13 +181,18 @@ extension LedgerStore {
                 writable.append(index)
                 continue
             }
+            // A conflict stays duplicate_id_conflict. An exact copy of the original keeps its
+            // reason, because it conflicts with nothing.
+            let isSamePayload = event.payloadSHA256 == original.payloadSHA256
+            let reason =
+                isSamePayload ? RejectionReason(rawValue: reasons[index]) ?? .duplicateIDConflict : .duplicateIDConflict
             let relation =
-                event.payloadSHA256 == original.payloadSHA256
+                isSamePayload
                 ? "with the same payload" : "with another payload (sha256 \(original.payloadSHA256.hexString))"
             let detail =
                 "event \(event.key) was accepted before \(relation) as ledger row \(original.ledgerID), which no longer exists; run tally backfill over the original event's offsets first, then replay this dead letter"
             outcomes[index] = .deadLetter(
-                Rejection(.duplicateIDConflict, detail, eventKey: event.key, originalLedgerID: original.ledgerID))
+                Rejection(reason, detail, eventKey: event.key, originalLedgerID: original.ledgerID))
         }
         let written = try writeOutcomes(
             writable.map { messages[$0] }, now: now, limits: validator.limits,

@@ -140,6 +140,33 @@ struct DeadLetterReplayTests {
         }
     }
 
+    @Test func exactCopyOfDeletedOriginalKeepsItsReason() async throws {
+        try await withTestSchema { schema in
+            let kafka = try TestKafka()
+            let clock = try clockNearT0()
+            try kafka.produce([apiCall("c-1", "cust-1", "2")])
+            try await ingestAll(kafka: kafka, schema: schema, clock: clock)
+            // The same event again, read with a meter that cannot read it: a dead letter.
+            try kafka.produce([apiCall("c-1", "cust-1", "2")])
+            try await ingestAll(kafka: kafka, schema: schema, clock: clock, meters: try Self.brokenMeters())
+            #expect(
+                try schema.query("SELECT kafka_offset::text, reason FROM {s}.dead_letters") == [["1", "invalid_value"]])
+            try schema.query("DELETE FROM {s}.ledger WHERE kafka_offset = 0")
+
+            let store = try LedgerStore(settings: schema.settings, logger: schema.logger)
+            let replayed = try store.replayDeadLetters(
+                DeadLetterFilter(), validator: validator(try standardMeters()), now: clock.now())
+
+            #expect(replayed.resolved == 0)
+            #expect(replayed.stillFailing == ["invalid_value": 1])
+            let unresolved = try store.deadLetters(DeadLetterFilter(), limit: 10)
+            #expect(unresolved.map(\.reason) == ["invalid_value"])
+            #expect(unresolved.first?.detail.contains("with the same payload") == true)
+            #expect(unresolved.first?.detail.contains("no longer exists") == true)
+            #expect(try schema.count("SELECT count(*) FROM {s}.ledger") == 0)
+        }
+    }
+
     @Test func showReturnsTheRawBytes() async throws {
         try await withTestSchema { schema in
             let kafka = try TestKafka()
