@@ -63,9 +63,11 @@ enum UsageCommand: Command {
         defer { store.connection.close() }
         let groupNames = try checkRecordedMeter(meter, store: store)
         for key in groupKeys ?? [] where !groupNames.contains(key) {
-            throw UsageError(
-                "meter \(meter) has no group-by key \(key); its keys are: \(groupNames.sorted().joined(separator: ", "))"
-            )
+            // Rollups written before the meter's group-by changed may still have the key.
+            if try store.rollupsHaveGroupKey(meter: meter, key: key) { continue }
+            let known =
+                groupNames.isEmpty ? "it has none" : "its keys are \(groupNames.sorted().joined(separator: ", "))"
+            throw UsageError("meter \(meter) has no group-by key \(key); \(known)")
         }
         guard try store.isValidTimeZone(timeZone) else {
             throw UsageError(

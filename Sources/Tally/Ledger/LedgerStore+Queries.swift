@@ -28,17 +28,12 @@ public struct LedgerEventRow: Sendable, Equatable {
 
 extension LedgerStore {
     /// Returns the meters recorded in the schema, each with the group-by names of its
-    /// definition and of its stored rollups (a definition may have changed since).
+    /// current definition.
     public func recordedMeters() throws(PostgresError) -> [String: Set<String>] {
         let result = try connection.execute(
             """
             SELECT m.slug, g.name
-            FROM \(schema).meters m
-            LEFT JOIN LATERAL (
-                SELECT jsonb_object_keys(m.group_by) AS name
-                UNION
-                SELECT DISTINCT jsonb_object_keys(r.groups) FROM \(schema).rollups r WHERE r.meter = m.slug
-            ) g ON true
+            FROM \(schema).meters m LEFT JOIN LATERAL jsonb_object_keys(m.group_by) AS g(name) ON true
             """)
         var meters: [String: Set<String>] = [:]
         for row in 0..<result.rowCount {
@@ -46,6 +41,16 @@ extension LedgerStore {
             meters[slug, default: []].formUnion(result.string(row: row, column: 1).map { [$0] } ?? [])
         }
         return meters
+    }
+
+    /// Returns whether a stored rollup of `meter` has the group-by key `key`, as rollups
+    /// written before the meter's group-by changed may have. It stops at the first match, but
+    /// reads all of the meter's rollups when there is none.
+    public func rollupsHaveGroupKey(meter: String, key: String) throws(PostgresError) -> Bool {
+        let result = try connection.execute(
+            "SELECT EXISTS (SELECT FROM \(schema).rollups WHERE meter = $1 AND groups ? $2)",
+            [.text(meter), .text(key)])
+        return result.string(row: 0, column: 0) == "t"
     }
 
     /// Returns whether `name` is a time zone of PostgreSQL's time zone database.
