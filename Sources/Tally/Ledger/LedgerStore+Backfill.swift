@@ -281,6 +281,10 @@ extension LedgerStore {
             WHERE kafka_topic = $1 AND kafka_partition = $2 AND kafka_offset BETWEEN $3 AND $4
             """,
             [.text(partition.topic), .text(String(partition.partition)), .text(String(first)), .text(String(last))])
+        // NOTE: a dead letter that a replay resolved counts as recorded even when the ledger row
+        // it was resolved into was deleted later, so a backfill does not restore that event.
+        // `tally reconcile` reports the offset as missing and the dead letter as referring to a
+        // missing row.
         let recordedOffsets = Set((0..<recorded.rowCount).map { recorded.int(row: $0, column: 0)! })
 
         let filtersTime = eventTimeFrom != nil || eventTimeTo != nil
