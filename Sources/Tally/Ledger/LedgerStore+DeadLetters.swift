@@ -101,7 +101,7 @@ extension LedgerStore {
     /// Replay never claims an idempotency key again whose ledger row was deleted. Such a dead
     /// letter stays unresolved: as `duplicate_id_conflict` when its payload differs from the
     /// original's, and with its old reason when it is an exact copy. Its detail names the
-    /// missing row and tells the operator to run `tally backfill` over the original's offsets.
+    /// missing row and the fix: `tally backfill` over the original's offsets, then a replay.
     ///
     /// NOTE: an event that PostgreSQL rejects again (SQLSTATE class 22 or 54, the dead letters
     /// `storage_rejected`) fails its whole replay batch, and the replay stops with that error;
