@@ -261,14 +261,13 @@ private struct TreeBuilder {
         guard let top = stack.last, top.isObject else {
             preconditionFailure("yajl passed an object key outside an object")
         }
-        let keyBytes = Array(key.utf8)
         let isDuplicate: Bool
         if top.keys != nil {
-            isDuplicate = !top.keys!.insert(keyBytes).inserted
+            isDuplicate = !top.keys!.insert(Array(key.utf8)).inserted
         } else {
-            isDuplicate = top.members.contains { $0.key.utf8.elementsEqual(keyBytes) }
+            isDuplicate = top.members.contains { hasSameUTF8($0.key, key) }
             if top.members.count >= Self.linearKeyScanLimit {
-                top.keys = Set(top.members.map { Array($0.key.utf8) } + [keyBytes])
+                top.keys = Set(top.members.map { Array($0.key.utf8) } + [Array(key.utf8)])
             }
         }
         top.pendingKey = key

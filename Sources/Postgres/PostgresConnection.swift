@@ -15,7 +15,7 @@ public enum PostgresParameter: Sendable {
 /// never on Swift's concurrency pool.
 public final class PostgresConnection {
     /// Owned by this object; nil once closed.
-    private var handle: OpaquePointer?
+    var handle: OpaquePointer?
     private let noticeBox: NoticeBox
 
     /// Host, port, database and user of the open connection, for logs. It never contains a password.
@@ -114,7 +114,7 @@ public final class PostgresConnection {
             throw PostgresError(kind: .connectionLost, message: "the connection is closed", operation: "execute")
         }
         for (index, parameter) in parameters.enumerated() {
-            if case .text(let text)? = parameter, text.utf8.contains(0) {
+            if case .text(let text)? = parameter, containsNUL(text) {
                 throw PostgresError(
                     kind: .invalidParameter, message: "parameter $\(index + 1) contains a NUL character",
                     operation: "execute")
@@ -187,6 +187,14 @@ private func connectionTarget(_ connection: OpaquePointer) -> String {
     let database = field(PQdb(connection))
     let user = field(PQuser(connection))
     return "host=\(host) port=\(port) dbname=\(database) user=\(user)"
+}
+
+/// Searches with `memchr`, because parameters can be several megabytes of JSON.
+private func containsNUL(_ text: String) -> Bool {
+    var text = text
+    return text.withUTF8 { buffer in
+        buffer.count > 0 && memchr(buffer.baseAddress!, 0, buffer.count) != nil
+    }
 }
 
 private func getenvString(_ name: String) -> String? {

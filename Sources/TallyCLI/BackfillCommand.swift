@@ -11,7 +11,7 @@ enum BackfillCommand: Command {
                               [--to-offset N|end | --to-time TIME]
                               [--event-time-from TIME] [--event-time-to TIME] [--dry-run]
                tally backfill --config FILE --resume ID
-               tally backfill --config FILE --list
+               tally backfill --config FILE --list [--json]
 
         Reruns a range of a topic through the worker's validation, dedupe, ledger and rollup
         transaction. It reads with its own consumer and a manual assignment, outside the
@@ -37,7 +37,9 @@ enum BackfillCommand: Command {
           --event-time-to TIME   Apply only events whose time is before TIME.
           --dry-run              Read the range and print what it would add per meter, subject
                                  and minute, then roll everything back.
-          --resume ID            Continue the interrupted run ID.
+          --resume ID            Continue the interrupted run ID with its recorded range. It
+                                 takes no range options and no --dry-run, and a finished run
+                                 is reported as such without reading anything.
           --list                 Print the recorded runs.
           --json                 With --list, print JSON.
           --log-level LEVEL      debug, info, warning or error (default: info).
@@ -55,7 +57,42 @@ enum BackfillCommand: Command {
         "resume": .value, "list": .flag, "json": .flag, "log-level": .value,
     ])
 
+    /// The options that describe a new run, which `--resume` and `--list` do not take.
+    static let newRunOptions = [
+        "topic", "partition", "from-offset", "to-offset", "from-time", "to-time", "event-time-from", "event-time-to",
+        "dry-run",
+    ]
+
+    /// Rejects option combinations that would be ignored: a resumed run keeps its recorded
+    /// range and writes (so it cannot be a dry run), and `--list` prints every run.
+    static func checkModes(_ arguments: ParsedArguments) throws {
+        let given = newRunOptions.filter { arguments.has($0) || arguments.value($0) != nil }
+        if arguments.value("resume") != nil {
+            guard !arguments.has("list") else { throw UsageError("give --resume or --list, not both") }
+            if let option = given.first {
+                throw UsageError(
+                    "--resume continues a recorded run with its own range and writes its batches; --\(option) cannot be combined with it"
+                )
+            }
+        }
+        if arguments.has("list"), let option = given.first {
+            throw UsageError("--list prints every recorded run and takes no --\(option)")
+        }
+        if arguments.has("json"), !arguments.has("list") {
+            throw UsageError("--json applies to --list only")
+        }
+    }
+
     static func run(_ arguments: ParsedArguments) throws -> Int32 {
+        try checkModes(arguments)
+        // A new run's options are checked before the configuration is read, so that a wrong
+        // command line exits with 2 whatever the configuration.
+        var resumeID: Int64?
+        if let resume = arguments.value("resume") {
+            guard let id = Int64(resume), id > 0 else { throw UsageError("--resume needs a run id, not \(resume)") }
+            resumeID = id
+        }
+        let newRun = resumeID == nil && !arguments.has("list") ? try request(arguments) : nil
         let configuration = try requiredConfiguration(arguments)
         let logger = try commandLogger(arguments, fallback: .info)
 
@@ -76,11 +113,11 @@ enum BackfillCommand: Command {
         backfill.onProgress = { reporter.report($0) }
 
         let result: BackfillResult
-        if let resume = arguments.value("resume") {
-            guard let id = Int64(resume), id > 0 else { throw UsageError("--resume needs a run id, not \(resume)") }
-            result = try backfill.resume(runID: id)
+        if let newRun {
+            result = try backfill.start(newRun)
         } else {
-            result = try backfill.start(try request(arguments))
+            guard let resumeID else { preconditionFailure("a backfill without --list is a new run or a resumed one") }
+            result = try backfill.resume(runID: resumeID)
         }
         reporter.finish()
 
@@ -118,6 +155,14 @@ enum BackfillCommand: Command {
         if let from = request.eventTimeFrom, let to = request.eventTimeTo, to <= from {
             throw UsageError("--event-time-to must be after --event-time-from")
         }
+        switch (request.from, request.to) {
+        case (.offset(let from), .offset(let to)) where from > to:
+            throw UsageError("--from-offset \(from) is after --to-offset \(to); the range would be empty")
+        case (.time(let from), .time(let to)) where to <= from:
+            throw UsageError("--to-time must be after --from-time")
+        default:
+            break
+        }
         request.dryRun = arguments.has("dry-run")
         return request
     }
@@ -150,10 +195,16 @@ enum BackfillCommand: Command {
         }
         var text: String
         if isDryRun {
-            text = "Dry run: nothing was written. It would add:\n\n"
-            var additions = [["METER", "SUBJECT", "MINUTE", "EVENTS", "SUM"]]
-            additions += result.dryRunAdditions
-            text += StatsCommand.table(additions) + "\n\n"
+            text = "Dry run\(result.stopped ? " interrupted before the end of the range" : ""): nothing was written. "
+            if result.dryRunAdditions.isEmpty {
+                text += "It would add no readings.\n\n"
+            } else {
+                text += "It would add:\n\n"
+                let header = ["METER", "SUBJECT", "GROUPS", "MINUTE", "EVENTS", "AGGREGATION", "VALUE"]
+                text += StatsCommand.table([header] + result.dryRunAdditions) + "\n\n"
+            }
+        } else if result.wasAlreadyFinished {
+            text = "Backfill run \(run.id) had already finished; nothing was read. Its recorded counts:\n\n"
         } else {
             text =
                 "Backfill run \(run.id) \(result.stopped ? "interrupted; continue it with --resume \(run.id)" : run.status.rawValue)\n\n"
@@ -171,18 +222,25 @@ enum BackfillCommand: Command {
     static func renderRuns(_ runs: [BackfillRun]) -> String {
         var rows = [
             [
-                "RUN", "STATUS", "TOPIC", "RANGE", "PARTITIONS", "OFFSETS", "ACCEPTED", "DUPLICATES", "DEAD LETTERS",
-                "STARTED", "UPDATED",
+                "RUN", "STATUS", "TOPIC", "RANGE", "PARTITIONS", "EVENT TIME", "OFFSETS", "ACCEPTED", "DUPLICATES",
+                "DEAD LETTERS", "STARTED", "UPDATED",
             ]
         ]
         for run in runs {
             rows.append([
-                String(run.id), run.status.rawValue, run.topic, run.rangeDescription, String(run.partitions.count),
+                String(run.id), run.status.rawValue, run.topic, run.rangeDescription,
+                run.partitions.map { String($0.partition.partition) }.joined(separator: ","), eventTimeText(run),
                 "\(run.doneOffsets)/\(run.totalOffsets)", String(run.counts.accepted),
                 String(run.counts.duplicatesAndRecorded), String(run.counts.deadLetters), run.startedAt, run.updatedAt,
             ])
         }
         return StatsCommand.table(rows)
+    }
+
+    /// The event-time filter of a run as `from..to`, with `*` for an open end, or `-` for none.
+    static func eventTimeText(_ run: BackfillRun) -> String {
+        guard run.eventTimeFrom != nil || run.eventTimeTo != nil else { return "-" }
+        return "\(run.eventTimeFrom?.rfc3339 ?? "*")..\(run.eventTimeTo?.rfc3339 ?? "*")"
     }
 
     static func renderRunsJSON(_ runs: [BackfillRun]) -> String {

@@ -4,9 +4,11 @@ import Tally
 /// The subcommands `tally dead-letters list|show|replay`.
 enum DeadLettersCommand {
     static let help = """
-        Usage: tally dead-letters list [FILTER] [--limit N] [--resolved] [--json]
-               tally dead-letters show ID
-               tally dead-letters replay [FILTER]
+        Usage: tally dead-letters list --config FILE [FILTER] [--limit N] [--resolved] [--json]
+               tally dead-letters show --config FILE ID
+               tally dead-letters replay --config FILE [FILTER]
+
+        Each subcommand also takes --log-level LEVEL and prints its own help with --help.
 
         Filter options:
           --reason REASON    A reason code such as invalid_value; repeat it for several.
@@ -75,9 +77,11 @@ enum DeadLettersListCommand: Command {
           --partition N      A partition; repeat it for several.
           --from TIME        Received at or after TIME (RFC 3339).
           --to TIME          Received before TIME.
-          --limit N          Print at most N rows (default 100).
+          --limit N          Print at most N rows (default 100). When more match, a notice
+                             on stderr says so.
           --resolved         Include dead letters that a replay resolved.
           --json             Print a JSON array.
+          --log-level LEVEL  debug, info, warning or error (default: warning).
         """
 
     static let options = OptionSpec(
@@ -94,7 +98,13 @@ enum DeadLettersListCommand: Command {
         }
         let store = try openStore(configuration, logger: logger)
         defer { store.connection.close() }
-        let rows = try store.deadLetters(filter, limit: limit)
+        var rows = try store.deadLetters(filter, limit: limit + 1)
+        if rows.count > limit {
+            rows.removeLast(rows.count - limit)
+            printError(
+                "tally dead-letters list: showing the first \(limit) dead letters, and more match; raise --limit or narrow the filter"
+            )
+        }
 
         if arguments.has("json") {
             let writer = JSONWriter()
@@ -136,6 +146,9 @@ enum DeadLettersShowCommand: Command {
 
         Prints one dead letter: its reason, detail and Kafka coordinates, its headers, and its
         raw key and value, as text when the bytes are valid UTF-8 and as hexadecimal otherwise.
+
+        Options:
+          --log-level LEVEL  debug, info, warning or error (default: warning).
         """
 
     static let options = OptionSpec(options: ["config": .value, "id": .value, "log-level": .value])
@@ -196,7 +209,17 @@ enum DeadLettersReplayCommand: Command {
         recorded first, as the worker does at start.
 
         Events are validated with the current clock, so events older than the dedupe window
-        stay dead letters too_late.
+        stay dead letters too_late. A dead letter whose event id was accepted before, but whose
+        original ledger row no longer exists, stays a dead letter duplicate_id_conflict: run
+        tally backfill over the original event's offsets first, then replay it.
+
+        Options:
+          --reason REASON    A reason code such as invalid_value; repeat it for several.
+          --topic TOPIC      The Kafka topic.
+          --partition N      A partition; repeat it for several.
+          --from TIME        Received at or after TIME (RFC 3339).
+          --to TIME          Received before TIME.
+          --log-level LEVEL  debug, info, warning or error (default: info).
         """
 
     static let options = OptionSpec(options: DeadLettersCommand.filterOptions)
@@ -215,15 +238,22 @@ enum DeadLettersReplayCommand: Command {
         let validator = EventValidator(meters: MeterSet(configuration.meters), limits: limits)
         let summary = try store.replayDeadLetters(filter, validator: validator, now: EventTime.systemNow())
         let failing = summary.stillFailing.keys.sorted().map { "\($0)=\(summary.stillFailing[$0]!)" }
+        let failingCount = summary.stillFailing.values.reduce(0, +)
         print(
-            "accepted=\(summary.accepted) duplicates=\(summary.duplicates) still_failing=\(summary.stillFailing.values.reduce(0, +))"
+            "accepted=\(summary.accepted) duplicates=\(summary.duplicates) still_failing=\(failingCount)"
                 + (failing.isEmpty ? "" : " (\(failing.joined(separator: " ")))"))
-        logger.info(
-            "dead letters replayed",
-            [
-                "accepted": summary.accepted, "duplicates": summary.duplicates,
-                "still_failing": failing.joined(separator: ","),
-            ])
+        if failing.isEmpty {
+            logger.info(
+                "dead letters replayed",
+                ["accepted": summary.accepted, "duplicates": summary.duplicates, "still_failing": failingCount])
+        } else {
+            logger.info(
+                "dead letters replayed",
+                [
+                    "accepted": summary.accepted, "duplicates": summary.duplicates, "still_failing": failingCount,
+                    "still_failing.reasons": failing.joined(separator: ","),
+                ])
+        }
         return 0
     }
 }

@@ -2,7 +2,7 @@ import Tally
 
 enum RebuildCommand: Command {
     static let help = """
-        Usage: tally rebuild --config FILE --meter SLUG --from TIME --to TIME
+        Usage: tally rebuild --config FILE --meter SLUG --from TIME --to TIME [--log-level LEVEL]
 
         Recomputes one meter's readings and per-minute rollups for the events whose time lies
         in [--from, --to), from the ledger rows, with the meter as the configuration defines it
@@ -15,9 +15,10 @@ enum RebuildCommand: Command {
         which the meter cannot read its value keep no reading for it and are reported.
 
         Options:
-          --meter SLUG   A meter of the configuration.
-          --from TIME    The start, RFC 3339.
-          --to TIME      The end, exclusive.
+          --meter SLUG       A meter of the configuration.
+          --from TIME        The start, RFC 3339.
+          --to TIME          The end, exclusive.
+          --log-level LEVEL  debug, info, warning or error (default: info).
         """
 
     static let options = OptionSpec(options: [

@@ -14,15 +14,18 @@ enum ReconcileCommand: Command {
         and overlaps. Then the per-minute rollups of [--from, --to) (default: the last 24
         hours) are recomputed from the ledger and compared with the stored ones, by meter,
         subject and minute. Duplicate-id conflicts and too_late dead letters are counted.
+        Duplicates and dead letters that refer to a ledger row that no longer exists fail the
+        check: the event they stand for is not counted until a backfill restores that row.
 
         The exit status is 0 when every check passes and 1 otherwise, so it can run from cron or
         CI. Conflicts and late events are reported but are not failures.
 
         Options:
-          --from TIME    The start of the rollup check, RFC 3339 (default: 24 hours ago).
-          --to TIME      Its end, exclusive (default: now).
-          --offline      Do not ask Kafka for log starts and ends.
-          --json         Print one JSON document.
+          --from TIME        The start of the rollup check, RFC 3339 (default: 24 hours ago).
+          --to TIME          Its end, exclusive (default: now).
+          --offline          Do not ask Kafka for log starts and ends.
+          --json             Print one JSON document.
+          --log-level LEVEL  debug, info, warning or error (default: warning).
         """
 
     static let options = OptionSpec(options: [
@@ -113,6 +116,11 @@ enum ReconcileCommand: Command {
             text += "\n" + StatsCommand.table(differences)
         }
         text += "\n\nConflicts (duplicate_id_conflict): \(report.conflicts)   Late events (too_late): \(report.tooLate)"
+        if report.duplicatesWithoutOriginal > 0 || report.deadLettersWithoutOriginal > 0 {
+            text +=
+                "\nFAILED \(report.duplicatesWithoutOriginal) duplicates and \(report.deadLettersWithoutOriginal) dead letters "
+                + "refer to ledger rows that no longer exist; run tally backfill over the offsets of the original events"
+        }
         text += "\n\n" + (report.passes ? "RESULT ok: every check passed" : "RESULT FAILED")
         return text
     }
@@ -183,6 +191,8 @@ enum ReconcileCommand: Command {
 
         writer.field("duplicate_id_conflicts", report.conflicts)
         writer.field("too_late", report.tooLate)
+        writer.field("duplicates_without_original", report.duplicatesWithoutOriginal)
+        writer.field("dead_letters_without_original", report.deadLettersWithoutOriginal)
         writer.endObject()
         return writer.text
     }

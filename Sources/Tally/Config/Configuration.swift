@@ -127,6 +127,9 @@ public struct IngestSettings: Sendable {
     /// How long a worker with assigned partitions and lag may go without committing a batch
     /// before it reports `no_progress`.
     public var noProgressTimeoutMilliseconds: Int = 60_000
+    /// With 2, a batch that spans several partitions is validated and written as two
+    /// transactions at once, on two PostgreSQL connections, each for its own partitions.
+    public var writeConnections: Int = 2
 
     public init() {}
 }

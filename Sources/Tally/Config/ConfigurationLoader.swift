@@ -167,6 +167,7 @@ private struct ConfigurationReader {
             allowed: [
                 "dedupe_window", "max_future_skew", "max_payload_bytes", "batch", "commit_to_kafka", "shutdown_timeout",
                 "no_progress_timeout",
+                "write_connections",
             ])
         var settings = IngestSettings()
         if let value = ingest["dedupe_window"] {
@@ -189,6 +190,9 @@ private struct ConfigurationReader {
         }
         if let value = ingest["commit_to_kafka"] {
             settings.commitToKafka = try boolean(value, "ingest.commit_to_kafka")
+        }
+        if let value = ingest["write_connections"] {
+            settings.writeConnections = try integer(value, "ingest.write_connections", range: 1...2)
         }
         if let value = ingest["shutdown_timeout"] {
             settings.shutdownTimeoutMilliseconds = Int(try duration(value, "ingest.shutdown_timeout") / 1000)

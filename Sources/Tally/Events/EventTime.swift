@@ -39,6 +39,34 @@ public struct EventTime: Hashable, Comparable, Sendable, CustomStringConvertible
         let date = CivilDate(daysSinceEpoch: days)
         let secondOfDay = microsecondOfDay / Self.microsecondsPerSecond
         let fraction = microsecondOfDay % Self.microsecondsPerSecond
+        if (0...9999).contains(date.year) {
+            // The common case, written digit by digit into the 27 bytes of the result, because
+            // the batch writes format several times per event.
+            return String(unsafeUninitializedCapacity: 27) { buffer in
+                func put(_ value: Int64, digits: Int, at offset: Int) {
+                    var rest = value
+                    for index in stride(from: offset + digits - 1, through: offset, by: -1) {
+                        buffer[index] = UInt8(ascii: "0") + UInt8(rest % 10)
+                        rest /= 10
+                    }
+                }
+                put(date.year, digits: 4, at: 0)
+                buffer[4] = UInt8(ascii: "-")
+                put(date.month, digits: 2, at: 5)
+                buffer[7] = UInt8(ascii: "-")
+                put(date.day, digits: 2, at: 8)
+                buffer[10] = UInt8(ascii: "T")
+                put(secondOfDay / 3600, digits: 2, at: 11)
+                buffer[13] = UInt8(ascii: ":")
+                put(secondOfDay / 60 % 60, digits: 2, at: 14)
+                buffer[16] = UInt8(ascii: ":")
+                put(secondOfDay % 60, digits: 2, at: 17)
+                buffer[19] = UInt8(ascii: ".")
+                put(fraction, digits: 6, at: 20)
+                buffer[26] = UInt8(ascii: "Z")
+                return 27
+            }
+        }
         return String(date.year).leftPadded(to: 4) + "-" + String(date.month).leftPadded(to: 2) + "-"
             + String(date.day).leftPadded(to: 2) + "T" + String(secondOfDay / 3600).leftPadded(to: 2) + ":"
             + String(secondOfDay / 60 % 60).leftPadded(to: 2) + ":" + String(secondOfDay % 60).leftPadded(to: 2) + "."

@@ -61,11 +61,13 @@ public struct BackfillProgress: Sendable {
 }
 
 /// The end of a backfill: the run as stored, and for a dry run what it would add per meter,
-/// subject and minute (`meter, subject, minute, events, sum`).
+/// subject, groups and minute (`meter, subject, groups, minute, events, aggregation, value`).
 public struct BackfillResult: Sendable {
     public var run: BackfillRun
     public var stopped: Bool
     public var dryRunAdditions: [[String]] = []
+    /// `resume` found the run finished and read nothing.
+    public var wasAlreadyFinished = false
 }
 
 /// Reruns a range of a topic through the worker's validation, dedupe, ledger and rollup step.
@@ -119,6 +121,9 @@ public final class Backfill {
 
     /// Resolves the request's range against the brokers, records a run and processes it.
     public func start(_ request: BackfillRequest) throws -> BackfillResult {
+        if case .offset(let from) = request.from, case .offset(let to) = request.to, from > to {
+            throw BackfillError("the range \(from)..\(to) is empty: its first offset is after its last")
+        }
         let store = try LedgerStore(settings: configuration.postgres, logger: logger)
         defer { store.connection.close() }
         let consumer = try KafkaConsumer(properties: consumerProperties)
@@ -133,7 +138,7 @@ public final class Backfill {
             defer { store.rollbackQuietly() }
             let id = try store.createBackfillRun(
                 topic: request.topic, rangeDescription: description, eventTimeFrom: request.eventTimeFrom,
-                eventTimeTo: request.eventTimeTo, partitions: ranges)
+                eventTimeTo: request.eventTimeTo, partitions: ranges, isDryRun: true)
             let run = try store.backfillRuns(id: id)[0]
             return try process(run, store: store, consumer: consumer, dryRun: true)
         }
@@ -153,7 +158,7 @@ public final class Backfill {
             throw BackfillError("backfill run \(runID) not found; tally backfill --list shows the runs")
         }
         guard run.status != .finished else {
-            return BackfillResult(run: run, stopped: false)
+            return BackfillResult(run: run, stopped: false, wasAlreadyFinished: true)
         }
         try store.setBackfillStatus(runID, .running)
         logger.info("backfill resumed", ["backfill.run": runID, "offsets.done": run.doneOffsets])
@@ -351,7 +356,10 @@ public final class Backfill {
         }
 
         if dryRun {
-            let additions = try store.readingsPerMinute(ledgerIDs: dryRunLedgerIDs)
+            let aggregations = Dictionary(
+                configuration.meters.map { ($0.slug, $0.aggregation.rawValue) }, uniquingKeysWith: { first, _ in first }
+            )
+            let additions = try store.readingsPerMinute(ledgerIDs: dryRunLedgerIDs, aggregations: aggregations)
             return BackfillResult(run: run, stopped: stopped, dryRunAdditions: additions)
         }
         let status: BackfillRun.Status = stopped ? .interrupted : .finished

@@ -11,6 +11,12 @@ extension Worker {
         guard !pending.isEmpty else { return }
         let messages = pending.messages
         pending.removeAll()
+        let now = clock.now()
+        if let failed = writeSplit(messages, now: now) {
+            for half in failed { write(validated: half, validatedAt: now, polling: true) }
+            if !pausedForRestart.isEmpty { restartPausedPartitions() }
+            return
+        }
         write(messages, polling: true)
     }
 
@@ -29,11 +35,24 @@ extension Worker {
     @discardableResult
     private func write(_ messages: [KafkaMessage], polling: Bool, deadline: MonotonicTime? = nil) -> WriteResult {
         let now = clock.now()
+        let started = MonotonicTime.now()
         let batch = messages.map { ValidatedMessage(message: $0, outcome: validator.validate($0.value, now: now)) }
+        logger.debug(
+            "batch validated",
+            ["batch.messages": batch.count, "stage.validate_ms": milliseconds(since: started)])
         observer.batchValidated(batch.count)
+        return write(validated: batch, validatedAt: now, polling: polling, deadline: deadline)
+    }
+
+    /// Writes validated messages with `write(_:)`'s retries, and afterwards resumes the
+    /// partitions that were paused meanwhile.
+    @discardableResult
+    private func write(
+        validated batch: [ValidatedMessage], validatedAt: EventTime, polling: Bool, deadline: MonotonicTime? = nil
+    ) -> WriteResult {
         isWriting = true
         defer { isWriting = false }
-        var retry = RetryState(batch: batch, validatedAt: now, polling: polling, deadline: deadline)
+        var retry = RetryState(batch: batch, validatedAt: validatedAt, polling: polling, deadline: deadline)
         let result = write(&retry)
         if polling, !pausedForRestart.isEmpty {
             restartPausedPartitions()
@@ -437,7 +456,7 @@ extension Worker {
         return ends
     }
 
-    private func recordCommit(_ summary: BatchSummary) {
+    func recordCommit(_ summary: BatchSummary) {
         for (partition, next) in summary.nextOffsets {
             positions[partition]?.storedOffset = next
         }
@@ -448,6 +467,11 @@ extension Worker {
             [
                 "ledger.accepted": summary.accepted, "ledger.duplicates": summary.duplicates,
                 "ledger.dead_letters": summary.deadLetterCount, "batch.partitions": summary.nextOffsets.count,
+                "stage.classify_ms": milliseconds(summary.timings.classify),
+                "stage.ledger_ms": milliseconds(summary.timings.ledger),
+                "stage.rollups_ms": milliseconds(summary.timings.rollups),
+                "stage.other_ms": milliseconds(summary.timings.other),
+                "stage.commit_ms": milliseconds(summary.timings.commit),
             ])
 
         if configuration.ingest.commitToKafka, let consumer {
@@ -565,6 +589,15 @@ private struct RetryState {
 
     /// What a write that stopped retrying returns.
     var stopResult: WriteResult { pastDeadline ? .abandoned : .stopped }
+}
+
+/// Formats microseconds as milliseconds with one decimal, for the stage timings in the debug log.
+private func milliseconds(_ microseconds: Int64) -> String {
+    "\(microseconds / 1000).\(microseconds % 1000 / 100)"
+}
+
+private func milliseconds(since start: MonotonicTime) -> String {
+    milliseconds((MonotonicTime.now().nanoseconds - start.nanoseconds) / 1000)
 }
 
 /// Returns the text with every character outside printable ASCII written as `\u{…}`.

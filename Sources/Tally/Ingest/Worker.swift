@@ -58,6 +58,8 @@ public final class Worker: KafkaRebalanceHandler {
     let storeTestHooks: LedgerStoreTestHooks
 
     var store: LedgerStore?
+    /// The second connection for batches written as two transactions; nil until first needed.
+    var splitWriter: SplitWriter?
     var consumer: KafkaConsumer?
     /// The partitions being consumed, with the stored offset of each as of the last commit.
     var positions: [PartitionID: PartitionPosition] = [:]
@@ -116,6 +118,8 @@ public final class Worker: KafkaRebalanceHandler {
             consumer = nil
             store?.connection.close()
             store = nil
+            splitWriter?.store?.connection.close()
+            splitWriter = nil
         }
         logger.info(
             "worker started",

@@ -50,8 +50,22 @@ public struct BatchSummary: Sendable {
     public var gaps: [OffsetGap] = []
     /// The outcome of each message, in the order of the batch.
     public var outcomes: [MessageOutcome] = []
+    /// The duration of each stage of the transaction, for the debug log.
+    public var timings = BatchTimings()
 
     public var deadLetterCount: Int { deadLetters.values.reduce(0, +) }
+}
+
+/// The time each stage of a committed batch's transaction took, in microseconds of the
+/// monotonic clock, measured on the calling thread. Each includes PostgreSQL's time.
+public struct BatchTimings: Sendable {
+    /// BEGIN, locking the stored offsets, dedupe lookups, ledger id allocation and key claims.
+    public var classify: Int64 = 0
+    public var ledger: Int64 = 0
+    public var rollups: Int64 = 0
+    /// Duplicates, dead letters, offset gaps and the stored offsets.
+    public var other: Int64 = 0
+    public var commit: Int64 = 0
 }
 
 /// The reason a batch was not committed.
@@ -93,9 +107,12 @@ struct PartitionSpan {
 /// The options of `writeOutcomes` for a batch that does not come from the live consumer group.
 struct OutcomeOptions {
     /// Treats an idempotency key whose ledger row no longer exists as not accepted: its claims
-    /// are deleted and the event is accepted again. Backfill and replay set it, so that
-    /// events whose ledger rows were removed can be restored. The live path leaves it off, so
-    /// a key claimed by a batch is always decided by the claim alone.
+    /// are deleted and the event is accepted again. Only backfill sets it, so that events whose
+    /// ledger rows were removed can be restored: it rereads offsets in order, so the event
+    /// that claims the key again is the first one with that key in the range. Replay leaves it
+    /// off, because a dead letter is a later event (such as a conflicting resend) and must not
+    /// take the place of the original. The live path leaves it off, so a key claimed by a
+    /// batch is always decided by the claim alone.
     var reclaimOrphanedKeys = false
     /// Inserts a row into `dead_letters` for each rejected message. Replay leaves it off,
     /// because the message has its dead letter already.

@@ -29,10 +29,20 @@ extension LedgerStore {
             throw .database(error)
         }
 
+        var timings = BatchTimings()
+        var lapStart = MonotonicTime.now()
+        func lap() -> Int64 {
+            let end = MonotonicTime.now()
+            defer { lapStart = end }
+            return (end.nanoseconds - lapStart.nanoseconds) / 1000
+        }
+
         do {
             try connection.execute("BEGIN")
             try lockStoredOffsets(spans)
-            let outcomes = try writeOutcomes(messages, now: now, limits: limits)
+            timings.classify = lap()
+            let outcomes = try writeOutcomes(messages, now: now, limits: limits, timings: &timings)
+            lapStart = MonotonicTime.now()
 
             for (index, validated) in messages.enumerated() {
                 let partition = validated.partitionID
@@ -51,12 +61,15 @@ extension LedgerStore {
 
             try insertGaps(gaps)
             try advanceStoredOffsets(spans)
+            timings.other += lap()
             try testHooks.beforeCommit?()
             try connection.execute("COMMIT")
+            timings.commit = lap()
             logGaps(gaps)
             try testHooks.afterCommit?()
 
             var summary = BatchSummary()
+            summary.timings = timings
             summary.outcomes = outcomes
             summary.gaps = gaps
             for span in spans.values {
@@ -88,14 +101,36 @@ extension LedgerStore {
     )
         throws -> [MessageOutcome]
     {
+        var timings = BatchTimings()
+        return try writeOutcomes(messages, now: now, limits: limits, options: options, timings: &timings)
+    }
+
+    /// Does what `writeOutcomes` does and adds the time of each step to `timings`.
+    func writeOutcomes(
+        _ messages: [ValidatedMessage], now: EventTime, limits: ValidationLimits,
+        options: OutcomeOptions = OutcomeOptions(), timings: inout BatchTimings
+    )
+        throws -> [MessageOutcome]
+    {
+        var lapStart = MonotonicTime.now()
+        func lap() -> Int64 {
+            let end = MonotonicTime.now()
+            defer { lapStart = end }
+            return (end.nanoseconds - lapStart.nanoseconds) / 1000
+        }
+
         let outcomes = try classify(
             messages, now: now, limits: limits, reclaimOrphanedKeys: options.reclaimOrphanedKeys)
+        timings.classify += lap()
         try insertLedgerRows(messages, outcomes: outcomes)
+        timings.ledger += lap()
         try upsertRollups(messages, outcomes: outcomes)
+        timings.rollups += lap()
         try insertDuplicates(messages, outcomes: outcomes)
         if options.insertsDeadLetters {
             try insertDeadLetters(messages, outcomes: outcomes)
         }
+        timings.other += lap()
         return outcomes
     }
 

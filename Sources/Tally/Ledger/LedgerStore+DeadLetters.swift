@@ -98,6 +98,11 @@ extension LedgerStore {
     /// dead letter with the new reason. Resolved dead letters are never taken again, so a
     /// second replay adds nothing.
     ///
+    /// Replay never claims an idempotency key again whose ledger row was deleted. Such a dead
+    /// letter stays unresolved: as `duplicate_id_conflict` when its payload differs from the
+    /// original's, and with its old reason when it is an exact copy. Its detail names the
+    /// missing row and the fix: `tally backfill` over the original's offsets, then a replay.
+    ///
     /// NOTE: an event that PostgreSQL rejects again (SQLSTATE class 22 or 54, the dead letters
     /// `storage_rejected`) fails its whole replay batch, and the replay stops with that error;
     /// exclude that reason from the filter. It is not isolated one message at a time as in
@@ -137,7 +142,7 @@ extension LedgerStore {
             """
             SELECT id, kafka_topic, kafka_partition, kafka_offset,
                    (extract(epoch FROM kafka_timestamp) * 1000)::bigint,
-                   encode(message_key, 'hex'), encode(message_value, 'hex')
+                   encode(message_key, 'hex'), encode(message_value, 'hex'), reason
             FROM \(schema).dead_letters
             WHERE \(Self.filterCondition) AND resolved_at IS NULL AND id > $8
             ORDER BY id
@@ -148,9 +153,11 @@ extension LedgerStore {
         guard rows.rowCount > 0 else { return (nil, ReplaySummary()) }
 
         var ids: [Int64] = []
+        var reasons: [String] = []
         var messages: [ValidatedMessage] = []
         for row in 0..<rows.rowCount {
             ids.append(rows.int(row: row, column: 0)!)
+            reasons.append(rows.string(row: row, column: 7)!)
             let message = KafkaMessage(
                 topic: rows.string(row: row, column: 1)!, partition: Int32(rows.int(row: row, column: 2)!),
                 offset: rows.int(row: row, column: 3)!, key: rows.string(row: row, column: 5).map(bytes(fromHex:)),
@@ -158,14 +165,44 @@ extension LedgerStore {
                 timestampMilliseconds: rows.int(row: row, column: 4))
             messages.append(ValidatedMessage(message: message, outcome: validator.validate(message.value, now: now)))
         }
-        let outcomes = try writeOutcomes(
-            messages, now: now, limits: validator.limits,
-            options: OutcomeOptions(reclaimOrphanedKeys: true, insertsDeadLetters: false))
+        // A dead letter whose idempotency key was accepted before, but whose original ledger
+        // row is gone, stays a dead letter: accepting it would put a later event (such as a
+        // resend with another payload) in the place of the original. A backfill over the
+        // original's offsets restores that row first.
+        let keys = messages.compactMap { validated -> EventKey? in
+            if case .accepted(let event) = validated.outcome { return event.key }
+            return nil
+        }
+        let orphaned = try orphanedKeys(keys, now: now, limits: validator.limits)
+        var outcomes = [MessageOutcome?](repeating: nil, count: messages.count)
+        var writable: [Int] = []
+        for (index, validated) in messages.enumerated() {
+            guard case .accepted(let event) = validated.outcome, let original = orphaned[event.key] else {
+                writable.append(index)
+                continue
+            }
+            // A conflict stays duplicate_id_conflict. An exact copy of the original keeps its
+            // reason, because it conflicts with nothing.
+            let isSamePayload = event.payloadSHA256 == original.payloadSHA256
+            let reason =
+                isSamePayload ? RejectionReason(rawValue: reasons[index]) ?? .duplicateIDConflict : .duplicateIDConflict
+            let relation =
+                isSamePayload
+                ? "with the same payload" : "with another payload (sha256 \(original.payloadSHA256.hexString))"
+            let detail =
+                "event \(event.key) was accepted before \(relation) as ledger row \(original.ledgerID), which no longer exists; run tally backfill over the original event's offsets first, then replay this dead letter"
+            outcomes[index] = .deadLetter(
+                Rejection(reason, detail, eventKey: event.key, originalLedgerID: original.ledgerID))
+        }
+        let written = try writeOutcomes(
+            writable.map { messages[$0] }, now: now, limits: validator.limits,
+            options: OutcomeOptions(insertsDeadLetters: false))
+        for (index, outcome) in zip(writable, written) { outcomes[index] = outcome }
 
         var summary = ReplaySummary()
         let writer = JSONWriter()
         writer.beginArray()
-        for (index, outcome) in outcomes.enumerated() {
+        for (index, outcome) in outcomes.map({ $0! }).enumerated() {
             writer.beginObject()
             writer.field("id", ids[index])
             switch outcome {

@@ -17,7 +17,9 @@ extension LedgerStore {
     /// against it. A claim that loses to a concurrent transaction turns into a stored key.
     ///
     /// With `reclaimOrphanedKeys`, a stored key whose ledger row was deleted is released first
-    /// and then claimed again like a new key.
+    /// and then claimed again like a new key. When the event that claims it again has the
+    /// same payload, the duplicates and dead letters that referred to the deleted row are
+    /// moved over to the new one.
     func classify(
         _ messages: [ValidatedMessage], now: EventTime, limits: ValidationLimits, reclaimOrphanedKeys: Bool = false
     ) throws -> [MessageOutcome] {
@@ -40,8 +42,12 @@ extension LedgerStore {
 
         let lookup = dedupePeriods.lookupRange(now: now, limits: limits)
         var stored = try storedKeys(keyOrder, periods: lookup)
+        var released: [EventKey: StoredKey] = [:]
         if reclaimOrphanedKeys {
-            for key in try releaseOrphanedKeys(stored) { stored[key] = nil }
+            for key in try releaseOrphanedKeys(stored) {
+                released[key] = stored[key]
+                stored[key] = nil
+            }
         }
 
         let newKeys = keyOrder.filter { stored[$0] == nil }.sorted()
@@ -92,7 +98,66 @@ extension LedgerStore {
                 }
             }
         }
+        if !released.isEmpty {
+            try repointReferences(released: released, newLedgerIDs: newLedgerIDs, events: events, groups: groups)
+        }
         return outcomes.map { $0! }
+    }
+
+    /// Moves the duplicates and dead letters that referred to the deleted ledger row of a
+    /// released key over to the row that now holds the same payload under that key. A key
+    /// re-accepted with another payload keeps the old references, which `tally reconcile`
+    /// then reports as pointing at a missing ledger row.
+    private func repointReferences(
+        released: [EventKey: StoredKey], newLedgerIDs: [EventKey: Int64], events: [Int: AcceptedEvent],
+        groups: [EventKey: [Int]]
+    ) throws(PostgresError) {
+        let writer = JSONWriter()
+        writer.beginArray()
+        var count = 0
+        for (key, old) in released.sorted(by: { $0.key < $1.key }) {
+            guard let newID = newLedgerIDs[key], let first = groups[key]?.first,
+                events[first]?.payloadSHA256 == old.payloadSHA256
+            else { continue }
+            writer.beginObject()
+            writer.field("old_id", old.ledgerID)
+            writer.field("new_id", newID)
+            writer.endObject()
+            count += 1
+        }
+        writer.endArray()
+        guard count > 0 else { return }
+        try connection.execute(
+            """
+            UPDATE \(schema).duplicates d SET original_ledger_id = m.new_id
+            FROM json_to_recordset($1::json) AS m(old_id bigint, new_id bigint)
+            WHERE d.original_ledger_id = m.old_id
+            """,
+            [.text(writer.text)])
+        try connection.execute(
+            """
+            UPDATE \(schema).dead_letters d SET
+                original_ledger_id = CASE WHEN d.original_ledger_id = m.old_id THEN m.new_id ELSE d.original_ledger_id END,
+                resolved_ledger_id = CASE WHEN d.resolved_ledger_id = m.old_id THEN m.new_id ELSE d.resolved_ledger_id END
+            FROM json_to_recordset($1::json) AS m(old_id bigint, new_id bigint)
+            WHERE d.original_ledger_id = m.old_id OR d.resolved_ledger_id = m.old_id
+            """,
+            [.text(writer.text)])
+    }
+
+    /// Returns the stored keys among `keys` whose ledger row no longer exists.
+    func orphanedKeys(_ keys: [EventKey], now: EventTime, limits: ValidationLimits) throws(PostgresError) -> [EventKey:
+        StoredKey]
+    {
+        guard !keys.isEmpty else { return [:] }
+        let stored = try storedKeys(keys, periods: dedupePeriods.lookupRange(now: now, limits: limits))
+        guard !stored.isEmpty else { return [:] }
+        let ids = Set(stored.values.map(\.ledgerID))
+        let existing = try connection.execute(
+            "SELECT id FROM \(schema).ledger WHERE id = ANY($1::bigint[])",
+            [.text("{" + ids.sorted().map(String.init).joined(separator: ",") + "}")])
+        let found = Set((0..<existing.rowCount).map { existing.int(row: $0, column: 0)! })
+        return stored.filter { !found.contains($0.value.ledgerID) }
     }
 
     /// Looks up which of `keys` are stored in the partitions of `periods`.

@@ -53,8 +53,15 @@ public struct ReconcileReport: Sendable {
     /// Unresolved dead letters duplicate_id_conflict and too_late: reported, not failures.
     public var conflicts: Int64 = 0
     public var tooLate: Int64 = 0
+    /// Duplicates whose original ledger row no longer exists: their event is not counted.
+    public var duplicatesWithoutOriginal: Int64 = 0
+    /// Dead letters whose original or resolving ledger row no longer exists.
+    public var deadLettersWithoutOriginal: Int64 = 0
 
-    public var passes: Bool { partitions.allSatisfy(\.passes) && rollupDifferenceCount == 0 }
+    public var passes: Bool {
+        partitions.allSatisfy(\.passes) && rollupDifferenceCount == 0 && duplicatesWithoutOriginal == 0
+            && deadLettersWithoutOriginal == 0
+    }
 }
 
 extension LedgerStore {
@@ -146,6 +153,19 @@ extension LedgerStore {
             """)
         report.conflicts = notes.int(row: 0, column: 0)!
         report.tooLate = notes.int(row: 0, column: 1)!
+
+        let dangling = try connection.execute(
+            """
+            SELECT (SELECT count(*) FROM \(schema).duplicates d
+                    WHERE NOT EXISTS (SELECT FROM \(schema).ledger l WHERE l.id = d.original_ledger_id)),
+                   (SELECT count(*) FROM \(schema).dead_letters d
+                    WHERE (d.original_ledger_id IS NOT NULL
+                           AND NOT EXISTS (SELECT FROM \(schema).ledger l WHERE l.id = d.original_ledger_id))
+                       OR (d.resolved_ledger_id IS NOT NULL
+                           AND NOT EXISTS (SELECT FROM \(schema).ledger l WHERE l.id = d.resolved_ledger_id)))
+            """)
+        report.duplicatesWithoutOriginal = dangling.int(row: 0, column: 0)!
+        report.deadLettersWithoutOriginal = dangling.int(row: 0, column: 1)!
         return report
     }
 

@@ -3,67 +3,100 @@ import JSON
 import Kafka
 import Postgres
 
-/// The rows of one batch go to PostgreSQL as a JSON array per table, read with
-/// `json_to_recordset`: one parameter and one round trip per table. Numbers keep their
+/// The rows of one batch go to PostgreSQL as one `COPY` (the ledger) or as a JSON array per
+/// table, read with `json_to_recordset`: one parameter and one round trip per table. Numbers keep their
 /// decimal text through JSON into `numeric`, and bytes travel as hexadecimal text.
 extension LedgerStore {
+    /// Inserts the accepted events with `COPY`, which PostgreSQL parses faster than a JSON
+    /// array. Each row's `ingested_at` is the transaction's `now()`, as in the other tables.
     func insertLedgerRows(_ messages: [ValidatedMessage], outcomes: [MessageOutcome]) throws(PostgresError) {
-        let rows = RowArray()
-        let writer = rows.writer
+        guard outcomes.contains(where: { if case .accepted = $0 { true } else { false } }) else { return }
+        // COPY takes no expressions, so the transaction's time goes in as a value. The session
+        // reads its own output back as the same instant.
+        let transactionTime = try connection.execute("SELECT now()").string(row: 0, column: 0)!
+        var rows = CopyTextRows(reservingBytes: messages.count * 640)
+        let writer = JSONWriter()
         for (index, validated) in messages.enumerated() {
             guard case .accepted(let ledgerID) = outcomes[index], case .accepted(let event) = validated.outcome else {
                 continue
             }
-            rows.count += 1
-            writer.beginObject()
-            writer.field("id", ledgerID)
-            writer.field("source", event.key.source.string)
-            writer.field("event_id", event.key.id.string)
-            writer.field("type", event.type)
-            writer.field("subject", event.subject)
-            writer.field("event_time", event.time.rfc3339)
-            writer.key("data")
-            if let data = event.data { writer.write(data) } else { writer.null() }
-            writer.key("attributes")
-            writer.write(.object(event.attributes))
-            writer.key("meters")
-            writer.beginObject()
-            for reading in event.readings {
-                writer.key(reading.meter)
-                writer.beginObject()
-                writer.field("quantity", number: reading.quantity.text)
-                writer.key("groups")
-                writeGroups(reading.groups, to: writer)
-                writer.endObject()
+            let message = validated.message
+            rows.append(ledgerID)
+            rows.append(event.key.source.string)
+            rows.append(event.key.id.string)
+            rows.append(event.type)
+            rows.append(event.subject)
+            rows.append(event.time.rfc3339)
+            if let data = event.data {
+                writer.reset()
+                writer.write(data)
+                writer.withBuffer { rows.append(utf8: $0) }
+            } else {
+                rows.append(nil as String?)
             }
-            writer.endObject()
-            writer.field("sha", event.payloadSHA256.hexString)
-            writeCoordinates(validated.message, to: writer)
-            writer.endObject()
+            writer.reset()
+            writer.write(.object(event.attributes))
+            writer.withBuffer { rows.append(utf8: $0) }
+            writer.reset()
+            writeMeters(event.readings, to: writer)
+            writer.withBuffer { rows.append(utf8: $0) }
+            rows.append(bytea: event.payloadSHA256)
+            rows.append(message.topic)
+            rows.append(Int64(message.partition))
+            rows.append(message.offset)
+            rows.append(kafkaTimestampText(message.timestampMilliseconds))
+            rows.append(transactionTime)
+            rows.endRow()
         }
-        guard rows.finish() else { return }
+        guard rows.rowCount > 0 else { return }
 
-        // `data` goes through a json column and a cast, so that a JSON string stays a string.
-        try connection.execute(
+        try connection.copyIn(
             """
-            INSERT INTO \(schema).ledger (
+            COPY \(schema).ledger (
                 id, source, event_id, type, subject, event_time, data, attributes, meters, payload_sha256,
                 kafka_topic, kafka_partition, kafka_offset, kafka_timestamp, ingested_at)
-            SELECT r.id, r.source, r.event_id, r.type, r.subject, r.event_time, r.data::jsonb, r.attributes, r.meters,
-                   decode(r.sha, 'hex'), r.topic, r.partition, r.kafka_offset, r.kafka_timestamp, now()
-            FROM json_to_recordset($1::json) AS r(
-                id bigint, source text, event_id text, type text, subject text, event_time timestamptz,
-                data json, attributes jsonb, meters jsonb, sha text,
-                topic text, partition integer, kafka_offset bigint, kafka_timestamp timestamptz)
+            FROM STDIN
             """,
-            [.text(writer.text)])
+            data: rows.bytes)
+    }
+
+    private func writeMeters(_ readings: [MeterReading], to writer: JSONWriter) {
+        writer.beginObject()
+        for reading in readings {
+            writer.key(reading.meter)
+            writer.beginObject()
+            writer.field("quantity", number: reading.quantity.text)
+            writer.key("groups")
+            writeGroups(reading.groups, to: writer)
+            writer.endObject()
+        }
+        writer.endObject()
     }
 
     /// Adds the batch's readings to the rollups: aggregated per rollup key first, so each row
     /// is updated once, and in key order, so concurrent batches do not deadlock.
+    ///
+    /// The latest reading of each key, by event time and then ledger id, is marked here, so
+    /// that the aggregation in SQL needs no sort per key.
     func upsertRollups(_ messages: [ValidatedMessage], outcomes: [MessageOutcome]) throws(PostgresError) {
-        let rows = RowArray()
-        let writer = rows.writer
+        var latest: [RollupKey: (time: Int64, ledgerID: Int64)] = [:]
+        for (index, validated) in messages.enumerated() {
+            guard case .accepted(let ledgerID) = outcomes[index], case .accepted(let event) = validated.outcome else {
+                continue
+            }
+            let order = (time: event.time.microseconds, ledgerID: ledgerID)
+            for reading in event.readings {
+                let key = RollupKey(event: event, reading: reading)
+                if let current = latest[key], (current.time, current.ledgerID) >= (order.time, order.ledgerID) {
+                    continue
+                }
+                latest[key] = order
+            }
+        }
+        guard !latest.isEmpty else { return }
+
+        var rows = CopyTextRows(reservingBytes: latest.count * 200)
+        let writer = JSONWriter()
         for (index, validated) in messages.enumerated() {
             guard case .accepted(let ledgerID) = outcomes[index], case .accepted(let event) = validated.outcome else {
                 continue
@@ -71,33 +104,39 @@ extension LedgerStore {
             let minute = event.time.minute.rfc3339
             let time = event.time.rfc3339
             for reading in event.readings {
-                rows.count += 1
-                writer.beginObject()
-                writer.field("meter", reading.meter)
-                writer.field("subject", event.subject)
-                writer.key("groups")
+                let isLatest = latest[RollupKey(event: event, reading: reading)]! == (event.time.microseconds, ledgerID)
+                rows.append(reading.meter)
+                rows.append(event.subject)
+                writer.reset()
                 writeGroups(reading.groups, to: writer)
-                writer.field("minute", minute)
-                writer.field("quantity", number: reading.quantity.text)
-                writer.field("event_time", time)
-                writer.field("ledger_id", ledgerID)
-                writer.endObject()
+                writer.withBuffer { rows.append(utf8: $0) }
+                rows.append(minute)
+                rows.append(reading.quantity.text)
+                rows.append(time)
+                rows.append(ledgerID)
+                rows.append(isLatest ? "t" : "f")
+                rows.endRow()
             }
         }
-        guard rows.finish() else { return }
 
+        // The staging table is emptied at the end of the transaction, by commit or rollback.
+        try ensureRollupStagingTable()
+        try connection.copyIn(
+            """
+            COPY pg_temp.tally_rollup_deltas (meter, subject, groups, minute, quantity, event_time, ledger_id, is_latest)
+            FROM STDIN
+            """,
+            data: rows.bytes)
         try connection.execute(
             """
             INSERT INTO \(schema).rollups AS r (
                 meter, subject, groups, minute, event_count, sum, min, max, latest, latest_time, latest_ledger_id, updated_at)
             SELECT v.meter, v.subject, v.groups, v.minute, count(*), sum(v.quantity), min(v.quantity), max(v.quantity),
-                   (array_agg(v.quantity ORDER BY v.event_time DESC, v.ledger_id DESC))[1],
+                   max(v.quantity) FILTER (WHERE v.is_latest),
                    max(v.event_time),
-                   (array_agg(v.ledger_id ORDER BY v.event_time DESC, v.ledger_id DESC))[1],
+                   max(v.ledger_id) FILTER (WHERE v.is_latest),
                    now()
-            FROM json_to_recordset($1::json) AS v(
-                meter text, subject text, groups jsonb, minute timestamptz, quantity numeric,
-                event_time timestamptz, ledger_id bigint)
+            FROM pg_temp.tally_rollup_deltas v
             GROUP BY v.meter, v.subject, v.groups, v.minute
             ORDER BY v.meter COLLATE "C", v.subject COLLATE "C", v.groups, v.minute
             ON CONFLICT (meter, subject, groups, minute) DO UPDATE SET
@@ -111,8 +150,29 @@ extension LedgerStore {
                               THEN excluded.latest_ledger_id ELSE r.latest_ledger_id END,
                 latest_time = greatest(r.latest_time, excluded.latest_time),
                 updated_at = excluded.updated_at
-            """,
-            [.text(writer.text)])
+            """)
+    }
+
+    /// Creates this session's staging table for rollup deltas when it does not exist. It is
+    /// looked up on every call, because a rollback removes it again when it was created in the
+    /// rolled-back transaction. A temporary table is not written to the WAL, and `COPY` fills
+    /// it faster than PostgreSQL parses a JSON array.
+    private func ensureRollupStagingTable() throws(PostgresError) {
+        let found = try connection.execute("SELECT to_regclass('pg_temp.tally_rollup_deltas') IS NOT NULL")
+        guard found.string(row: 0, column: 0) != "t" else { return }
+        try connection.execute(
+            """
+            CREATE TEMPORARY TABLE tally_rollup_deltas (
+                meter text COLLATE "C" NOT NULL,
+                subject text COLLATE "C" NOT NULL,
+                groups jsonb NOT NULL,
+                minute timestamptz NOT NULL,
+                quantity numeric NOT NULL,
+                event_time timestamptz NOT NULL,
+                ledger_id bigint NOT NULL,
+                is_latest boolean NOT NULL
+            ) ON COMMIT DELETE ROWS
+            """)
     }
 
     func insertDuplicates(_ messages: [ValidatedMessage], outcomes: [MessageOutcome]) throws(PostgresError) {
@@ -224,6 +284,22 @@ extension LedgerStore {
             writer.endObject()
         }
         writer.endArray()
+    }
+}
+
+/// The primary key of a rollup row. Group values are in the meter's order, which is the same
+/// for every reading of one meter, so comparing the values compares the `groups` objects.
+private struct RollupKey: Hashable {
+    var meter: String
+    var subject: String
+    var groupValues: [String?]
+    var minuteMicroseconds: Int64
+
+    init(event: AcceptedEvent, reading: MeterReading) {
+        meter = reading.meter
+        subject = event.subject
+        groupValues = reading.groups.map(\.value)
+        minuteMicroseconds = event.time.minute.microseconds
     }
 }
 

@@ -3,6 +3,8 @@ import Kafka
 import Tally
 import Testing
 
+@testable import TallyCLI
+
 /// `Backfill` against librdkafka's mock cluster and a real PostgreSQL, next to the worker.
 @Suite("Backfill")
 struct BackfillTests {
@@ -160,14 +162,58 @@ struct BackfillTests {
             #expect(result.run.counts.accepted == 10)
             #expect(
                 result.dryRunAdditions == [
-                    ["api_calls", "cust-0", "2025-01-15T12:05Z", "5", "7.5"],
-                    ["api_calls", "cust-1", "2025-01-15T12:05Z", "5", "7.5"],
-                    ["calls", "cust-0", "2025-01-15T12:05Z", "5", "5"],
-                    ["calls", "cust-1", "2025-01-15T12:05Z", "5", "5"],
+                    ["api_calls", "cust-0", "{}", "2025-01-15T12:05Z", "5", "sum", "7.5"],
+                    ["api_calls", "cust-1", "{}", "2025-01-15T12:05Z", "5", "sum", "7.5"],
+                    ["calls", "cust-0", "{}", "2025-01-15T12:05Z", "5", "count", "5"],
+                    ["calls", "cust-1", "{}", "2025-01-15T12:05Z", "5", "count", "5"],
                 ])
             #expect(try Self.ledgerSnapshot(schema) == ledger)
             #expect(try schema.count("SELECT count(*) FROM {s}.backfill_runs") == 0)
             #expect(try schema.count("SELECT count(*) FROM {s}.batches WHERE backfill_run IS NOT NULL") == 0)
+
+            // The dry run took no value of the id sequence, so the first real run is number 1.
+            #expect(result.run.id < 0)
+            let real = try await runBackfill(kafka, schema)
+            #expect(real.run.id == 1)
+        }
+    }
+
+    @Test func dryRunTableNamesAggregationAndGroups() async throws {
+        try await withTestSchema { schema in
+            let kafka = try TestKafka()
+            try Self.produceHistory(kafka)
+            let meters =
+                try standardMeters() + [
+                    Meter(
+                        slug: "peak", eventType: "api.call", aggregation: .max,
+                        valuePath: try JSONPath("$.data.quantity"))
+                ]
+            try await ingestAll(kafka: kafka, schema: schema, clock: try clockNearT0(), meters: meters)
+            try Self.removeMinute(schema)
+
+            var dryRun = BackfillRequest(topic: "usage")
+            dryRun.dryRun = true
+            let request = dryRun
+            let result = try await runBackfill(kafka, schema, meters: meters) { try $0.start(request) }
+            #expect(result.dryRunAdditions.contains(["peak", "cust-0", "{}", "2025-01-15T12:05Z", "5", "max", "1.5"]))
+            let text = BackfillCommand.renderResult(result, isDryRun: true)
+            #expect(text.contains("GROUPS"))
+            #expect(text.contains("AGGREGATION"))
+            #expect(!text.contains("SUM"))
+
+            dryRun.eventTimeFrom = try EventTime.parseRFC3339("2025-01-16T00:00:00Z")
+            let laterRequest = dryRun
+            let empty = try await runBackfill(kafka, schema, meters: meters) { try $0.start(laterRequest) }
+            #expect(empty.dryRunAdditions.isEmpty)
+            #expect(BackfillCommand.renderResult(empty, isDryRun: true).contains("It would add no readings."))
+
+            let stopSignal = StopSignal()
+            stopSignal.request()
+            let stopped = try await runBackfill(kafka, schema, meters: meters, stopSignal: stopSignal) {
+                try $0.start(laterRequest)
+            }
+            #expect(stopped.stopped)
+            #expect(BackfillCommand.renderResult(stopped, isDryRun: true).hasPrefix("Dry run interrupted"))
         }
     }
 
@@ -207,6 +253,11 @@ struct BackfillTests {
             #expect(chain.last?[1] == "32")
             #expect(zip(chain, chain.dropFirst()).allSatisfy { $0[1] == $1[0] })
             try schema.expectInvariants()
+
+            let finished = try await runBackfill(kafka, schema) { try $0.resume(runID: runID) }
+            #expect(finished.wasAlreadyFinished)
+            #expect(!resumed.wasAlreadyFinished)
+            #expect(try Self.ledgerSnapshot(schema) == ledger)
         }
     }
 

@@ -1,3 +1,4 @@
+import Foundation
 import Tally
 import Testing
 
@@ -88,10 +89,63 @@ struct HistoryCommandLineTests {
                 "--topic", "usage", "--event-time-from", "2025-01-02T00:00:00Z", "--event-time-to",
                 "2025-01-01T00:00:00Z",
             ],
+            ["--topic", "usage", "--from-offset", "10", "--to-offset", "5"],
+            ["--topic", "usage", "--from-time", "2025-01-02T00:00:00Z", "--to-time", "2025-01-01T00:00:00Z"],
         ] {
             #expect(throws: UsageError.self, "\(arguments)") {
                 try BackfillCommand.request(ParsedArguments.parse(arguments, spec: BackfillCommand.options))
             }
+        }
+    }
+
+    @Test func backfillRejectsOptionsItWouldIgnore() throws {
+        // The configuration is never read: the combination is rejected first, with exit 2.
+        let config = ["--config", "/nonexistent/tally.yaml"]
+        #expect(TallyCommand.main(["tally", "backfill"] + config + ["--resume", "22", "--dry-run"]) == 2)
+        #expect(TallyCommand.main(["tally", "backfill"] + config + ["--resume", "22", "--topic", "usage"]) == 2)
+        #expect(TallyCommand.main(["tally", "backfill"] + config + ["--resume", "22", "--list"]) == 2)
+        #expect(TallyCommand.main(["tally", "backfill"] + config + ["--list", "--topic", "usage"]) == 2)
+        #expect(TallyCommand.main(["tally", "backfill"] + config + ["--topic", "usage", "--json"]) == 2)
+        #expect(
+            TallyCommand.main(
+                ["tally", "backfill"] + config + ["--topic", "usage", "--from-offset", "10", "--to-offset", "5"]) == 2)
+        // A valid combination gets as far as reading the configuration.
+        #expect(TallyCommand.main(["tally", "backfill"] + config + ["--resume", "22"]) == 1)
+        #expect(TallyCommand.main(["tally", "backfill"] + config + ["--list", "--json"]) == 1)
+        #expect(try backfillRequest("--topic", "usage", "--from-offset", "5", "--to-offset", "5").from == .offset(5))
+    }
+
+    @Test func helpNamesEveryOption() {
+        let commands: [(String, Command.Type)] = [
+            ("backfill", BackfillCommand.self), ("rebuild", RebuildCommand.self), ("reconcile", ReconcileCommand.self),
+            ("usage", UsageCommand.self), ("events", EventsCommand.self),
+            ("dead-letters list", DeadLettersListCommand.self), ("dead-letters show", DeadLettersShowCommand.self),
+            ("dead-letters replay", DeadLettersReplayCommand.self),
+        ]
+        for (name, command) in commands {
+            // The id of `dead-letters show ID` is positional; the parser turns it into --id.
+            for option in command.options.options.keys where option != "id" {
+                #expect(command.help.contains("--\(option)"), "tally \(name) --help does not name --\(option)")
+            }
+        }
+        for usage in ["list --config FILE", "show --config FILE", "replay --config FILE"] {
+            #expect(DeadLettersCommand.help.contains(usage), "tally dead-letters --help lacks \(usage)")
+        }
+    }
+
+    @Test func configurationDocNamesEveryCommand() throws {
+        let docs = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent(
+            "../../../docs/configuration.md")
+        let text = try String(contentsOf: docs, encoding: .utf8)
+        let intro = text.components(separatedBy: "\n\n").prefix(2).joined(separator: " ")
+        let commands: [(String, Command.Type)] = [
+            ("run", RunCommand.self), ("migrate", MigrateCommand.self), ("stats", StatsCommand.self),
+            ("dev-broker", DevBrokerCommand.self), ("backfill", BackfillCommand.self), ("rebuild", RebuildCommand.self),
+            ("reconcile", ReconcileCommand.self), ("usage", UsageCommand.self), ("events", EventsCommand.self),
+            ("dead-letters", DeadLettersListCommand.self),
+        ]
+        for (name, command) in commands where command.options.options["config"] != nil {
+            #expect(intro.contains("`\(name)`") || intro.contains("`tally \(name)`"), "configuration.md omits \(name)")
         }
     }
 

@@ -62,6 +62,7 @@ struct ConfigurationTests {
                   dedupe_window: 40d
                   max_future_skew: 90s
                   max_payload_bytes: 512KiB
+                  write_connections: 1
                   batch:
                     max_messages: 100
                     max_bytes: 2MiB
@@ -77,6 +78,7 @@ struct ConfigurationTests {
         #expect(configuration.ingest.batchMaxWaitMilliseconds == 20)
         #expect(configuration.ingest.shutdownTimeoutMilliseconds == 5000)
         #expect(configuration.ingest.noProgressTimeoutMilliseconds == 120_000)
+        #expect(configuration.ingest.writeConnections == 1)
     }
 
     @Test func limitsOutsideTheirRangeAreRejected() {
@@ -87,6 +89,7 @@ struct ConfigurationTests {
         #expect(message(Self.minimal + "\ningest:\n  batch:\n    max_messages: 0").contains("from 1 to"))
         #expect(message(Self.minimal + "\ningest:\n  shutdown_timeout: 0s").contains("from 1s to 1h"))
         #expect(message(Self.minimal + "\ningest:\n  no_progress_timeout: 500ms").contains("from 1s to 1d"))
+        #expect(message(Self.minimal + "\ningest:\n  write_connections: 3").contains("from 1 to 2"))
     }
 
     @Test func unknownKeyNamesItsPlace() {
