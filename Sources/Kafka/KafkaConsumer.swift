@@ -1,15 +1,31 @@
 import CRdKafka
+import Glibc
 
 /// Receives a consumer group's rebalances. Both methods run on the thread that polls, inside
 /// `KafkaConsumer.poll` or `close`, before librdkafka goes on.
 public protocol KafkaRebalanceHandler: AnyObject {
-    /// Returns the partitions to start, each with the offset to start at. Partitions left out
-    /// are not consumed by this member until the next rebalance.
-    func partitionsAssigned(_ partitions: [KafkaTopicPartition]) -> [KafkaTopicPartition]
+    /// Decides where the assigned partitions start. Partitions left out of the result are not
+    /// consumed by this member until the next rebalance.
+    func partitionsAssigned(_ partitions: [KafkaTopicPartition]) -> KafkaAssignment
 
     /// Called before the partitions are given up. With `lost`, another member may already own
     /// them, as after a session timeout, so nothing may be committed for them.
     func partitionsRevoked(_ partitions: [KafkaTopicPartition], lost: Bool)
+}
+
+/// What a member does with newly assigned partitions.
+public struct KafkaAssignment: Sendable {
+    /// Partitions to fetch from their offsets at once. They are resumed explicitly, because
+    /// librdkafka keeps an application pause across a revocation and a new assignment.
+    public var start: [KafkaTopicPartition]
+    /// Partitions to assign at their offsets but keep paused until the application resumes
+    /// them, for example while their start offsets cannot be read yet.
+    public var paused: [KafkaTopicPartition]
+
+    public init(start: [KafkaTopicPartition], paused: [KafkaTopicPartition] = []) {
+        self.start = start
+        self.paused = paused
+    }
 }
 
 /// The result of one poll.
@@ -30,6 +46,15 @@ public final class KafkaConsumer {
     /// Owned by this object; librdkafka's opaque pointer refers to it.
     private let box: CallbackBox
     private var isClosed = false
+    /// Whether `close` gave up before the group was left, so `deinit` must not try again.
+    private var closeTimedOut = false
+    /// The topics of the current subscription, to skip a subscribe that changes nothing.
+    private var subscribedTopics: [String]?
+    /// Whether the rebalance callback has received an assignment, even an empty one.
+    private var hasSeenAssignment = false
+    /// Whether the group uses the cooperative protocol, as of the last rebalance; before the
+    /// first one, whether the configured assignor is cooperative.
+    private var isCooperative: Bool
 
     /// Creates a consumer. `properties` go to librdkafka as they are; they must include
     /// `bootstrap.servers` and, for `subscribe`, `group.id`.
@@ -39,6 +64,8 @@ public final class KafkaConsumer {
         onError: (@Sendable (KafkaError) -> Void)? = nil
     ) throws(KafkaError) {
         let box = CallbackBox(onLog: onLog, onError: onError)
+        isCooperative =
+            properties.last { $0.0 == "partition.assignment.strategy" }?.1.contains("cooperative-sticky") ?? false
         let configuration = try makeConfiguration(properties, box: box)
         rd_kafka_conf_set_rebalance_cb(configuration, handleRebalance)
         handle = try makeHandle(RD_KAFKA_CONSUMER, configuration)
@@ -49,6 +76,19 @@ public final class KafkaConsumer {
     }
 
     deinit {
+        if subscribedTopics != nil && !hasSeenAssignment {
+            // librdkafka before 2.3.0 fails an assertion in rd_kafka_destroy (in
+            // rd_kafka_sticky_assignor_state_destroy, librdkafka issue #4381) when a
+            // cooperative-sticky member that joined a group is destroyed before its first
+            // assignment. The handle is left to the process instead; it has left the group
+            // when close() returned.
+            if !isClosed { _ = rd_kafka_consumer_close(handle) }
+            return
+        }
+        if closeTimedOut {
+            rd_kafka_destroy_flags(handle, RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE)
+            return
+        }
         if !isClosed {
             // Leaving without close() is allowed but gives up the group membership abruptly.
             _ = rd_kafka_consumer_close(handle)
@@ -68,12 +108,16 @@ public final class KafkaConsumer {
     }
 
     /// Joins the consumer group for `topics`. The partitions arrive through the rebalance handler.
+    /// Subscribing again to the same topics does nothing, because every subscribe starts a
+    /// rebalance of the whole group.
     public func subscribe(topics: [String]) throws(KafkaError) {
+        guard subscribedTopics != topics else { return }
         let list = TopicPartitionList(topics.map { KafkaTopicPartition(topic: $0, partition: RD_KAFKA_PARTITION_UA) })
         let code = rd_kafka_subscribe(handle, list.pointer)
         guard code == RD_KAFKA_RESP_ERR_NO_ERROR else {
             throw KafkaError(code, operation: "subscribe")
         }
+        subscribedTopics = topics
     }
 
     /// Consumes exactly these partitions from their offsets, outside any group rebalance.
@@ -176,6 +220,16 @@ public final class KafkaConsumer {
         try queryWatermarks(handle, topic: topic, partition: partition, timeoutMilliseconds: timeoutMilliseconds)
     }
 
+    /// The log start and end last reported by the partition's leader in a fetch response,
+    /// without asking the broker. Nil until the partition has been fetched.
+    public func cachedWatermarks(topic: String, partition: Int32) -> KafkaWatermarks? {
+        var low: Int64 = -1
+        var high: Int64 = -1
+        let code = rd_kafka_get_watermark_offsets(handle, topic, partition, &low, &high)
+        guard code == RD_KAFKA_RESP_ERR_NO_ERROR, low >= 0, high >= 0 else { return nil }
+        return KafkaWatermarks(low: low, high: high)
+    }
+
     /// Looks up, per partition, the earliest offset whose message timestamp is at or after
     /// the given time (ListOffsets by timestamp). Each entry's `offset` is the time in
     /// milliseconds since the Unix epoch on input. On output it is the offset found, or -1
@@ -195,11 +249,47 @@ public final class KafkaConsumer {
 
     /// Leaves the group: the rebalance handler receives the revocation, then the consumer
     /// stops. Call it once, from the polling thread.
-    public func close() throws(KafkaError) {
-        guard !isClosed else { return }
+    ///
+    /// Leaving waits for the group coordinator, which may be unreachable. After
+    /// `timeoutMilliseconds` this gives up and returns false; the coordinator then notices
+    /// the departure after `session.timeout.ms`, and the handle is destroyed without another
+    /// attempt to leave.
+    @discardableResult
+    public func close(timeoutMilliseconds: Int64 = 60_000) throws(KafkaError) -> Bool {
+        guard !isClosed else { return true }
         isClosed = true
-        let code = rd_kafka_consumer_close(handle)
-        guard code == RD_KAFKA_RESP_ERR_NO_ERROR else { throw KafkaError(code, operation: "close") }
+        guard let queue = rd_kafka_queue_new(handle) else {
+            let code = rd_kafka_consumer_close(handle)
+            guard code == RD_KAFKA_RESP_ERR_NO_ERROR else { throw KafkaError(code, operation: "close") }
+            return true
+        }
+        defer { rd_kafka_queue_destroy(queue) }
+        if let error = rd_kafka_consumer_close_queue(handle, queue) {
+            throw KafkaError(consuming: error, operation: "close")
+        }
+        var spec = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &spec)
+        let start = Int64(spec.tv_sec) * 1000 + Int64(spec.tv_nsec) / 1_000_000
+        while rd_kafka_consumer_closed(handle) == 0 {
+            clock_gettime(CLOCK_MONOTONIC, &spec)
+            let elapsed = Int64(spec.tv_sec) * 1000 + Int64(spec.tv_nsec) / 1_000_000 - start
+            if elapsed >= timeoutMilliseconds {
+                closeTimedOut = true
+                return false
+            }
+            // The final revocation arrives as an event on the queue. Serving the queue with
+            // callbacks instead fails an assertion in librdkafka 2.0.2 on ops it passes on.
+            guard let event = rd_kafka_queue_poll(queue, Int32(min(100, timeoutMilliseconds - elapsed))) else {
+                continue
+            }
+            if rd_kafka_event_type(event) == RD_KAFKA_EVENT_REBALANCE,
+                let partitions = rd_kafka_event_topic_partition_list(event)
+            {
+                applyRebalance(rd_kafka_event_error(event), partitions)
+            }
+            rd_kafka_event_destroy(event)
+        }
+        return true
     }
 
     // MARK: Rebalance
@@ -208,16 +298,22 @@ public final class KafkaConsumer {
         _ code: rd_kafka_resp_err_t, _ partitions: UnsafeMutablePointer<rd_kafka_topic_partition_list_t>
     ) {
         let entries = TopicPartitionList.entries(of: partitions)
-        let isCooperative = String(cString: rd_kafka_rebalance_protocol(handle)) == "COOPERATIVE"
+        // librdkafka returns NULL when it cannot answer (the group is terminating); the
+        // protocol of the last rebalance holds then.
+        if let name = rd_kafka_rebalance_protocol(handle) {
+            isCooperative = String(cString: name) == "COOPERATIVE"
+        }
 
         switch code {
         case RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS:
-            let start =
+            hasSeenAssignment = true
+            let decision =
                 box.rebalanceHandler?.partitionsAssigned(entries)
-                ?? entries.map {
-                    KafkaTopicPartition(topic: $0.topic, partition: $0.partition, offset: KafkaOffset.beginning)
-                }
-            let list = TopicPartitionList(start)
+                ?? KafkaAssignment(
+                    start: entries.map {
+                        KafkaTopicPartition(topic: $0.topic, partition: $0.partition, offset: KafkaOffset.beginning)
+                    })
+            let list = TopicPartitionList(decision.start + decision.paused)
             if isCooperative {
                 if let error = rd_kafka_incremental_assign(handle, list.pointer) {
                     reportRebalanceFailure(KafkaError(consuming: error, operation: "incremental assign"))
@@ -227,6 +323,14 @@ public final class KafkaConsumer {
                 if code != RD_KAFKA_RESP_ERR_NO_ERROR {
                     reportRebalanceFailure(KafkaError(code, operation: "assign"))
                 }
+            }
+            // An application pause outlives a revocation in librdkafka, so a partition paused
+            // before it was revoked would stay paused when assigned again. Set both states.
+            do {
+                if !decision.paused.isEmpty { try pause(decision.paused) }
+                if !decision.start.isEmpty { try resume(decision.start) }
+            } catch {
+                reportRebalanceFailure(error)
             }
 
         case RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS:
@@ -267,7 +371,7 @@ private func handleRebalance(
         return
     }
     // The consumer is being destroyed: take librdkafka's default action so the group does not stall.
-    let isCooperative = String(cString: rd_kafka_rebalance_protocol(handle)) == "COOPERATIVE"
+    let isCooperative = rd_kafka_rebalance_protocol(handle).map { String(cString: $0) == "COOPERATIVE" } ?? false
     switch (code, isCooperative) {
     case (RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS, true):
         if let error = rd_kafka_incremental_assign(handle, partitions) { rd_kafka_error_destroy(error) }

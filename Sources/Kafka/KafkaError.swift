@@ -51,6 +51,12 @@ public struct KafkaError: Error, Sendable, CustomStringConvertible {
         code == RD_KAFKA_RESP_ERR_OFFSET_OUT_OF_RANGE.rawValue
     }
 
+    /// The application did not poll within `max.poll.interval.ms`, so the consumer left the
+    /// group; its partitions go to other members and it rejoins on the next poll.
+    public var isMaxPollExceeded: Bool {
+        code == RD_KAFKA_RESP_ERR__MAX_POLL_EXCEEDED.rawValue
+    }
+
     /// The topic or partition does not exist on the brokers.
     public var isUnknownTopicOrPartition: Bool {
         code == RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART.rawValue || code == RD_KAFKA_RESP_ERR__UNKNOWN_TOPIC.rawValue

@@ -16,6 +16,9 @@ enum DevBrokerCommand: Command {
         compression to keep more. Consumer-group members need session.timeout.ms of at least
         6000.
 
+        For fault tests, SIGUSR1 takes every broker down (it refuses connections and drops
+        those it has) and SIGUSR2 brings them up again; the data is kept.
+
         Options:
           --topic NAME[:PARTITIONS]  A topic to create, with 4 partitions unless given; repeatable.
           --brokers N                The number of brokers (default: 1).
@@ -77,6 +80,23 @@ enum DevBrokerCommand: Command {
         let stopSignal = StopSignal()
         let sources = handleStopSignals(stopSignal, timeoutMilliseconds: 10_000, logger: logger)
         defer { sources.forEach { $0.cancel() } }
+        let faultSources = [(SIGUSR1, false), (SIGUSR2, true)].map { number, up in
+            signal(number, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
+            source.setEventHandler {
+                for broker in 1...brokerCount {
+                    do {
+                        if up { try cluster.setBrokerUp(broker) } else { try cluster.setBrokerDown(broker) }
+                    } catch {
+                        logger.error("changing a broker's state failed", ["kafka.broker": broker, "error": "\(error)"])
+                    }
+                }
+                logger.info(up ? "brokers up" : "brokers down", ["kafka.brokers": brokerCount])
+            }
+            source.resume()
+            return source
+        }
+        defer { faultSources.forEach { $0.cancel() } }
         while !stopSignal.isRequested {
             usleep(100_000)
         }

@@ -1,4 +1,6 @@
 import Foundation
+import Glibc
+import Postgres
 import Tally
 
 enum RunCommand: Command {
@@ -17,6 +19,9 @@ enum RunCommand: Command {
           TALLY_CLOCK_START  An RFC 3339 time at which the worker's clock starts, for tests
                              and demos that replay old events. The clock then advances in real
                              time. Never set it in production: it moves the dedupe window.
+          TALLY_TEST_HOOK    kill-before-commit or kill-after-commit: the worker kills itself
+                             with SIGKILL around the COMMIT of its first batch. For crash
+                             tests only; never set it in production.
 
         Options:
           --config FILE      The YAML configuration (see docs/configuration.md).
@@ -34,9 +39,34 @@ enum RunCommand: Command {
         defer { sources.forEach { $0.cancel() } }
 
         let worker = Worker(
-            configuration: configuration, clock: try clock(logger: logger), logger: logger, stopSignal: stopSignal)
+            configuration: configuration, clock: try clock(logger: logger), logger: logger, stopSignal: stopSignal,
+            storeTestHooks: try testHooks(logger: logger))
         try worker.run()
         return 0
+    }
+
+    /// TEST HOOK: `TALLY_TEST_HOOK=kill-before-commit` makes the worker kill itself with
+    /// SIGKILL after the statements of its first batch, before COMMIT;
+    /// `kill-after-commit` right after the COMMIT returned, before the offsets are copied to
+    /// Kafka. The crash tests use them (docs/operations.md). Never set it in production.
+    static func testHooks(
+        logger: Logger, environment: [String: String] = ProcessInfo.processInfo.environment
+    ) throws -> LedgerStoreTestHooks {
+        var hooks = LedgerStoreTestHooks()
+        guard let hook = environment["TALLY_TEST_HOOK"], !hook.isEmpty else { return hooks }
+        let killNow: @Sendable () throws(PostgresError) -> Void = {
+            logger.warning("TALLY_TEST_HOOK: killing the worker with SIGKILL", ["hook": hook])
+            kill(getpid(), SIGKILL)
+        }
+        switch hook {
+        case "kill-before-commit": hooks.beforeCommit = killNow
+        case "kill-after-commit": hooks.afterCommit = killNow
+        default:
+            throw UsageError("TALLY_TEST_HOOK must be kill-before-commit or kill-after-commit, not \(hook)")
+        }
+        logger.warning(
+            "TALLY_TEST_HOOK is set: a fault injection for tests; never set it in production", ["hook": hook])
+        return hooks
     }
 
     /// Returns the system clock, or a shifted one when `TALLY_CLOCK_START` is set.

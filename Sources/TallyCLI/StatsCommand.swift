@@ -6,18 +6,25 @@ import Tally
 
 enum StatsCommand: Command {
     static let help = """
-        Usage: tally stats --config FILE [--json] [--offline] [--log-level LEVEL]
+        Usage: tally stats --config FILE [--json] [--offline] [--check] [--log-level LEVEL]
 
         Prints, per partition, the stored offset (the next offset Tally reads), the Kafka log
-        start and end, the lag, and the counts of accepted events, unmetered events, duplicates
-        and dead letters by reason; then, per meter, its total over all rollups, its event
-        count and its number of subjects.
+        start and end, the lag, and the counts of accepted events, unmetered events, duplicates,
+        offsets without a message (GAPS; LOST: of those, deleted by retention before Tally read
+        them) and dead letters by reason; then, per meter, its total over all rollups, its event
+        count and its number of subjects; then the retention gaps, the workers and their status,
+        and a STATUS line: ok, or each problem found.
 
         Options:
           --config FILE  The YAML configuration of the worker.
           --json         Print one JSON document instead of tables.
           --offline      Do not ask Kafka for log starts and ends; show PostgreSQL's view only.
+          --check        Exit with status 3 when the STATUS line reports a problem, for health checks.
           --log-level LEVEL  debug, info, warning or error (default: warning).
+
+        Problems are: a worker that reports no progress while its partitions have lag; a
+        partition with lag whose stored offset has not moved for ingest.no_progress_timeout; a
+        partition whose log starts beyond its stored offset (retention deleted unread messages).
 
         A meter's total is over all subjects and minutes: the sum for sum and count meters,
         the lowest or highest value for min and max, and the value of the latest event for
@@ -26,7 +33,9 @@ enum StatsCommand: Command {
         unmetered ones. Without --offline, the command waits up to 10 s for the brokers.
         """
 
-    static let options = OptionSpec(options: ["config": .value, "json": .flag, "offline": .flag, "log-level": .value])
+    static let options = OptionSpec(options: [
+        "config": .value, "json": .flag, "offline": .flag, "check": .flag, "log-level": .value,
+    ])
 
     static func run(_ arguments: ParsedArguments) throws -> Int32 {
         let configuration = try requiredConfiguration(arguments)
@@ -64,15 +73,17 @@ enum StatsCommand: Command {
             }
         }
 
-        print(arguments.has("json") ? renderJSON(report) : renderTables(report))
-        return 0
+        let problems = report.problems(
+            stalledAfterSeconds: Int64(configuration.ingest.noProgressTimeoutMilliseconds / 1000))
+        print(arguments.has("json") ? renderJSON(report, problems: problems) : renderTables(report, problems: problems))
+        return arguments.has("check") && !problems.isEmpty ? 3 : 0
     }
 
-    static func renderTables(_ report: StatsReport) -> String {
+    static func renderTables(_ report: StatsReport, problems: [String] = []) -> String {
         var partitionRows = [
             [
                 "PARTITION", "FIRST", "STORED", "LOG START", "LOG END", "LAG", "ACCEPTED", "UNMETERED", "DUPLICATES",
-                "GAPS", "DEAD LETTERS",
+                "GAPS", "LOST", "DEAD LETTERS",
             ]
         ]
         for row in report.partitions {
@@ -86,7 +97,7 @@ enum StatsCommand: Command {
                 row.watermarks.map { String($0.high) } ?? "-",
                 row.lag.map(String.init) ?? "-",
                 String(row.accepted), String(row.unmetered), String(row.duplicates), String(row.gapOffsets),
-                deadLetters.isEmpty ? "0" : deadLetters,
+                String(row.retentionGapOffsets), deadLetters.isEmpty ? "0" : deadLetters,
             ])
         }
 
@@ -102,10 +113,34 @@ enum StatsCommand: Command {
         let totals =
             "accepted=\(report.totalAccepted) unmetered=\(report.totalUnmetered) duplicates=\(report.totalDuplicates) "
             + "dead_letters=\(deadLetters.values.reduce(0, +))" + (reasons.isEmpty ? "" : " (\(reasons))")
-        return table(partitionRows) + "\n\n" + table(meterRows) + "\n\nTOTAL " + totals
+        var text = table(partitionRows) + "\n\n" + table(meterRows) + "\n\nTOTAL " + totals
+        if !report.retentionGaps.isEmpty {
+            var gapRows = [["LOST TO RETENTION", "FROM", "TO", "OFFSETS", "DETECTED AT"]]
+            for gap in report.retentionGaps {
+                gapRows.append([
+                    gap.partition.description, String(gap.fromOffset), String(gap.toOffset),
+                    String(gap.toOffset - gap.fromOffset + 1), gap.detectedAt,
+                ])
+            }
+            text += "\n\n" + table(gapRows)
+        }
+        if !report.workers.isEmpty {
+            var workerRows = [["WORKER", "GROUP", "STATUS", "PARTITIONS", "LAG", "PROGRESS AGO", "SEEN AGO", "DETAIL"]]
+            for worker in report.workers {
+                workerRows.append([
+                    worker.workerID, worker.consumerGroup, worker.status,
+                    worker.partitions.isEmpty ? "-" : worker.partitions, worker.lag.map(String.init) ?? "-",
+                    worker.secondsSinceProgress.map { "\($0)s" } ?? "-", "\(worker.secondsSinceHeartbeat)s",
+                    worker.detail.isEmpty ? "-" : worker.detail,
+                ])
+            }
+            text += "\n\n" + table(workerRows)
+        }
+        text += "\n\nSTATUS " + (problems.isEmpty ? "ok" : problems.joined(separator: "\nSTATUS "))
+        return text
     }
 
-    static func renderJSON(_ report: StatsReport) -> String {
+    static func renderJSON(_ report: StatsReport, problems: [String] = []) -> String {
         let writer = JSONWriter()
         writer.beginObject()
         writer.key("partitions")
@@ -123,6 +158,8 @@ enum StatsCommand: Command {
             writer.field("unmetered", row.unmetered)
             writer.field("duplicates", row.duplicates)
             writer.field("gap_offsets", row.gapOffsets)
+            writer.field("retention_gap_offsets", row.retentionGapOffsets)
+            writer.field("seconds_since_update", row.secondsSinceUpdate)
             writer.key("dead_letters")
             writer.beginObject()
             for reason in row.deadLetters.keys.sorted() {
@@ -161,6 +198,47 @@ enum StatsCommand: Command {
             writer.number(deadLetters[reason]!)
         }
         writer.endObject()
+        writer.endObject()
+
+        writer.key("retention_gaps")
+        writer.beginArray()
+        for gap in report.retentionGaps {
+            writer.beginObject()
+            writer.field("topic", gap.partition.topic)
+            writer.field("partition", Int64(gap.partition.partition))
+            writer.field("from_offset", gap.fromOffset)
+            writer.field("to_offset", gap.toOffset)
+            writer.field("detected_at", gap.detectedAt)
+            writer.endObject()
+        }
+        writer.endArray()
+
+        writer.key("workers")
+        writer.beginArray()
+        for worker in report.workers {
+            writer.beginObject()
+            writer.field("worker_id", worker.workerID)
+            writer.field("consumer_group", worker.consumerGroup)
+            writer.field("host", worker.host)
+            writer.field("pid", worker.pid)
+            writer.field("status", worker.status)
+            writer.field("detail", worker.detail)
+            writer.field("partitions", worker.partitions)
+            writer.field("lag", worker.lag)
+            writer.field("seconds_since_progress", worker.secondsSinceProgress)
+            writer.field("seconds_since_heartbeat", worker.secondsSinceHeartbeat)
+            writer.endObject()
+        }
+        writer.endArray()
+
+        writer.key("status")
+        writer.beginObject()
+        writer.key("ok")
+        writer.bool(problems.isEmpty)
+        writer.key("problems")
+        writer.beginArray()
+        for problem in problems { writer.string(problem) }
+        writer.endArray()
         writer.endObject()
         writer.endObject()
         return writer.text

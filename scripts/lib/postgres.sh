@@ -4,6 +4,8 @@
 # postgres refuse to run as root.
 
 TALLY_PG_DIR=""
+# The server options of the running server, so that scripts can stop and start it again.
+TALLY_PG_OPTIONS=""
 
 # The bin directory of the newest installed PostgreSQL server.
 postgres_bin_dir() {
@@ -47,6 +49,7 @@ start_throwaway_postgres() {
     if [ "$#" -gt 0 ]; then
         options="$options $*"
     fi
+    TALLY_PG_OPTIONS=$options
     as_postgres_owner "$bin/pg_ctl" -D "$TALLY_PG_DIR/data" -l "$TALLY_PG_DIR/server.log" \
         -o "$options" -w -t 60 start >/dev/null || {
         echo "error: PostgreSQL did not start; see $TALLY_PG_DIR/server.log" >&2
@@ -69,4 +72,5 @@ stop_throwaway_postgres() {
         as_postgres_owner "$bin/pg_ctl" -D "$TALLY_PG_DIR/data" -m immediate -w stop >/dev/null 2>&1 || true
     rm -rf "$TALLY_PG_DIR"
     TALLY_PG_DIR=""
+    TALLY_PG_OPTIONS=""
 }

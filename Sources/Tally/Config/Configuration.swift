@@ -124,6 +124,9 @@ public struct IngestSettings: Sendable {
     public var commitToKafka: Bool = true
     /// How long a stop may take to finish the batch in flight and leave the group.
     public var shutdownTimeoutMilliseconds: Int = 30_000
+    /// How long a worker with assigned partitions and lag may go without committing a batch
+    /// before it reports `no_progress`.
+    public var noProgressTimeoutMilliseconds: Int = 60_000
     /// With 2, a batch that spans several partitions is validated and written as two
     /// transactions at once, on two PostgreSQL connections, each for its own partitions.
     public var writeConnections: Int = 2

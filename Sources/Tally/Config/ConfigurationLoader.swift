@@ -166,6 +166,7 @@ private struct ConfigurationReader {
             node, "ingest",
             allowed: [
                 "dedupe_window", "max_future_skew", "max_payload_bytes", "batch", "commit_to_kafka", "shutdown_timeout",
+                "no_progress_timeout",
                 "write_connections",
             ])
         var settings = IngestSettings()
@@ -195,6 +196,15 @@ private struct ConfigurationReader {
         }
         if let value = ingest["shutdown_timeout"] {
             settings.shutdownTimeoutMilliseconds = Int(try duration(value, "ingest.shutdown_timeout") / 1000)
+            guard (1000...3_600_000).contains(settings.shutdownTimeoutMilliseconds) else {
+                throw located("ingest.shutdown_timeout must be from 1s to 1h", value)
+            }
+        }
+        if let value = ingest["no_progress_timeout"] {
+            settings.noProgressTimeoutMilliseconds = Int(try duration(value, "ingest.no_progress_timeout") / 1000)
+            guard (1000...86_400_000).contains(settings.noProgressTimeoutMilliseconds) else {
+                throw located("ingest.no_progress_timeout must be from 1s to 1d", value)
+            }
         }
         if let batchNode = ingest["batch"] {
             let batch = try mapping(batchNode, "ingest.batch", allowed: ["max_messages", "max_bytes", "max_wait"])

@@ -5,61 +5,98 @@ import Postgres
 extension Worker {
     /// Validates and writes the pending batch. On return the batch is committed or was found
     /// committed already. Otherwise another consumer owns its offsets now, and the partitions
-    /// were moved back to their stored offsets, or a stop was requested while PostgreSQL could
-    /// not be reached.
+    /// are moved back to their stored offsets; or the partitions were revoked while the batch
+    /// waited; or a stop was requested while PostgreSQL could not be reached.
     func flush() {
         guard !pending.isEmpty else { return }
         let messages = pending.messages
         pending.removeAll()
-
         let now = clock.now()
         if let failed = writeSplit(messages, now: now) {
-            for half in failed { write(half, validatedAt: now) }
+            for half in failed { write(validated: half, validatedAt: now, polling: true) }
+            if !pausedForRestart.isEmpty { restartPausedPartitions() }
             return
         }
+        write(messages, polling: true)
+    }
+
+    /// Writes the pending messages of partitions being revoked, inside the rebalance callback.
+    /// The worker cannot poll there, so failed attempts are retried for a short time only;
+    /// then the messages are rolled back and the partitions' next owner reads them again.
+    func writeBeforeRevocation(_ messages: [KafkaMessage]) {
+        let deadline = MonotonicTime.now().nanoseconds + Self.revocationWriteBudgetMilliseconds * 1_000_000
+        if write(messages, polling: false, deadline: MonotonicTime(nanoseconds: deadline)) == .abandoned {
+            logger.warning(
+                "the batch of the revoked partitions could not be written in time; rolled back for their next owner",
+                ["batch.messages": messages.count])
+        }
+    }
+
+    @discardableResult
+    private func write(_ messages: [KafkaMessage], polling: Bool, deadline: MonotonicTime? = nil) -> WriteResult {
+        let now = clock.now()
         let started = MonotonicTime.now()
         let batch = messages.map { ValidatedMessage(message: $0, outcome: validator.validate($0.value, now: now)) }
         logger.debug(
             "batch validated",
             ["batch.messages": batch.count, "stage.validate_ms": milliseconds(since: started)])
         observer.batchValidated(batch.count)
-        write(batch, validatedAt: now)
+        return write(validated: batch, validatedAt: now, polling: polling, deadline: deadline)
     }
 
-    /// Writes `batch`, retrying transient failures:
+    /// Writes validated messages with `write(_:)`'s retries, and afterwards resumes the
+    /// partitions that were paused meanwhile.
+    @discardableResult
+    private func write(
+        validated batch: [ValidatedMessage], validatedAt: EventTime, polling: Bool, deadline: MonotonicTime? = nil
+    ) -> WriteResult {
+        isWriting = true
+        defer { isWriting = false }
+        var retry = RetryState(batch: batch, validatedAt: validatedAt, polling: polling, deadline: deadline)
+        let result = write(&retry)
+        if polling, !pausedForRestart.isEmpty {
+            restartPausedPartitions()
+        }
+        return result
+    }
+
+    /// Writes `retry.batch`, retrying transient failures:
     /// - a serialization failure or deadlock is retried at once;
     /// - a lost connection is re-opened with backoff, and a commit whose outcome was lost is
     ///   recognized by the stored offsets having moved to exactly the batch's end;
     /// - an event that PostgreSQL rejects is isolated by writing the batch one message at a
     ///   time, and then stored as a dead letter `storage_rejected`;
     /// - a batch that keeps failing for another reason is also written one message at a time.
+    /// While it waits between attempts, the worker pauses its partitions and keeps polling, so
+    /// that it keeps its group membership without holding more than this batch in memory.
     /// A stop request ends the retries; the batch is then left for the next run to read again.
     /// Errors that only a person can fix, such as a missing permission, stop the worker.
     ///
-    /// NOTE: the retries do not poll Kafka. An outage longer than `max.poll.interval.ms` therefore
-    /// makes the group move this worker's partitions, and only the compare-and-set keeps the
-    /// result exact. Pausing the partitions and polling on would keep the membership.
-    ///
-    /// `isolated` marks one message written alone after its batch failed. When it keeps failing
-    /// for a reason other than a lost connection, its partition is set aside. The worker goes
-    /// back to the partition's stored offset and reads it again later, and the other partitions
-    /// of the batch go on.
-    @discardableResult
-    private func write(_ batch: [ValidatedMessage], validatedAt: EventTime, isolated: Bool = false) -> WriteResult {
-        var retry = RetryState(batch: batch.filter(isUnwritten), validatedAt: validatedAt, isolated: isolated)
-
-        while !retry.batch.isEmpty {
+    /// `retry.isolated` marks one message written alone after its batch failed. When it keeps
+    /// failing for a reason other than a lost connection, its partition is set aside. The worker
+    /// goes back to the partition's stored offset and reads it again later, and the other
+    /// partitions of the batch go on.
+    private func write(_ retry: inout RetryState) -> WriteResult {
+        while true {
+            // Partitions revoked or lost while the batch waited are no longer ours to write.
+            retry.batch = retry.batch.filter(isUnwritten)
+            if retry.batch.isEmpty { return .abandoned }
             if fatalFailure != nil { return .stopped }
             guard let store = connectedStore() else {
-                if !waitBeforeRetry(&retry) { return .stopped }
+                if !waitBeforeRetry(&retry) { return retry.stopResult }
                 continue
             }
             revalidateIfStale(&retry)
             let partitions = Set(retry.batch.map(\.partitionID))
             let expected = Dictionary(uniqueKeysWithValues: partitions.map { ($0, positions[$0]!.storedOffset) })
+            if retry.logStarts == nil {
+                retry.logStarts = logStartsBelowFirstMessages(retry.batch)
+            }
+            observer.beforeWrite(offsetRanges(retry.batch))
             do {
                 let summary = try store.writeBatch(
-                    retry.batch, expectedOffsets: expected, now: retry.validatedAt, limits: limits)
+                    retry.batch, expectedOffsets: expected, now: retry.validatedAt, limits: limits,
+                    logStarts: retry.logStarts ?? [:])
                 recordCommit(summary)
                 return .committed
             } catch {
@@ -71,9 +108,9 @@ extension Worker {
                     case .retry:
                         continue
                     case .stop:
-                        return .stopped
+                        return retry.stopResult
                     case .writeOneByOne:
-                        return writeOneByOne(retry.batch, validatedAt: retry.validatedAt)
+                        return writeOneByOne(&retry)
                     case .setAside:
                         setAside(retry.batch[0], after: error)
                         return .stale
@@ -81,25 +118,70 @@ extension Worker {
                 }
             }
         }
-        return .committed
     }
 
     /// Writes each message in its own transaction. Once a message of a partition is not
     /// committed, the partition's later messages are left out: they are read again from the
     /// stored offset, so that no offset is passed over unwritten.
-    private func writeOneByOne(_ batch: [ValidatedMessage], validatedAt: EventTime) -> WriteResult {
+    private func writeOneByOne(_ whole: inout RetryState) -> WriteResult {
         var leftOut = Set<PartitionID>()
-        for single in batch where !leftOut.contains(single.partitionID) {
-            switch write([single], validatedAt: validatedAt, isolated: true) {
+        for single in whole.batch where !leftOut.contains(single.partitionID) {
+            var retry = RetryState(
+                batch: [single], validatedAt: whole.validatedAt, polling: whole.polling, deadline: whole.deadline)
+            retry.isolated = true
+            switch write(&retry) {
             case .committed:
                 continue
-            case .stale:
+            case .stale, .abandoned:
                 leftOut.insert(single.partitionID)
             case .stopped:
                 return .stopped
             }
         }
         return leftOut.isEmpty ? .committed : .stale
+    }
+
+    /// The offsets of each partition's messages in the batch.
+    private func offsetRanges(_ batch: [ValidatedMessage]) -> [PartitionID: ClosedRange<Int64>] {
+        var ranges: [PartitionID: ClosedRange<Int64>] = [:]
+        for validated in batch {
+            let offset = validated.message.offset
+            if let range = ranges[validated.partitionID] {
+                ranges[validated.partitionID] = min(range.lowerBound, offset)...max(range.upperBound, offset)
+            } else {
+                ranges[validated.partitionID] = offset...offset
+            }
+        }
+        return ranges
+    }
+
+    /// Finds the partitions whose first message in the batch lies beyond the stored offset
+    /// while the stored offset is below the log start: retention deleted the offsets between
+    /// before Tally read them. Returns their log starts, for the gap records.
+    private func logStartsBelowFirstMessages(_ batch: [ValidatedMessage]) -> [PartitionID: Int64] {
+        var firstOffsets: [PartitionID: Int64] = [:]
+        for validated in batch where firstOffsets[validated.partitionID] == nil {
+            firstOffsets[validated.partitionID] = validated.message.offset
+        }
+        var logStarts: [PartitionID: Int64] = [:]
+        for (partition, first) in firstOffsets {
+            guard let stored = positions[partition]?.storedOffset, first > stored, let consumer else { continue }
+            // The fetch that brought the message also reported the log start.
+            var low = consumer.cachedWatermarks(topic: partition.topic, partition: partition.partition)?.low
+            if low == nil || low! <= stored {
+                low = try? consumer.watermarks(
+                    topic: partition.topic, partition: partition.partition, timeoutMilliseconds: 2000
+                ).low
+            }
+            if let low, low > stored {
+                logStarts[partition] = low
+            } else if low == nil {
+                logger.warning(
+                    "cannot read the log start of a partition with skipped offsets; recording them as offsets_skipped",
+                    ["kafka.topic": partition.topic, "kafka.partition": partition.partition])
+            }
+        }
+        return logStarts
     }
 
     /// Checks that a message still belongs to this worker and lies at or after its partition's
@@ -132,11 +214,12 @@ extension Worker {
         let batch = retry.batch
         if error.isConnectionProblem || error.sqlState == "25006" {
             // 25006: a read-only transaction, as on a standby after a failover. A new
-            // connection may reach the new primary.
+            // connection may reach the new primary. Once reconnected, the batch's compare-and-set
+            // reads the stored offsets again: offsets at the batch's end mean its COMMIT landed.
             retry.connectionWasLost = true
             logger.rateLimited(
-                .error, "lost the PostgreSQL connection; retrying the batch", intervalSeconds: 10,
-                ["error": error, "batch.messages": batch.count])
+                .error, "lost the PostgreSQL connection; pausing consumption and retrying the batch",
+                intervalSeconds: 10, ["error": error, "batch.messages": batch.count])
             store.connection.close()
             self.store = nil
             return waitBeforeRetry(&retry) ? .retry : .stop
@@ -231,19 +314,6 @@ extension Worker {
         return .stale
     }
 
-    /// Goes back to the stored offset of a message's partition after writing it alone kept
-    /// failing. The partition's messages are read and written again from there.
-    private func setAside(_ failed: ValidatedMessage, after error: PostgresError) {
-        let message = failed.message
-        logger.error(
-            "writing one message keeps failing; reading its partition again from the stored offset",
-            [
-                "error": error, "kafka.topic": message.topic, "kafka.partition": message.partition,
-                "kafka.offset": message.offset,
-            ])
-        seekToStoredOffsets([failed.partitionID], knownStored: [:])
-    }
-
     /// Errors in configuration or permissions (class 42) and a missing database or schema
     /// (3D000, 3F000) repeat on every attempt until a person changes something.
     private func needsOperator(_ error: PostgresError) -> Bool {
@@ -258,20 +328,104 @@ extension Worker {
         return sqlStateClass == "22" || sqlStateClass == "54"
     }
 
-    /// Sleeps before the next attempt. Returns false when a stop was requested meanwhile.
+    /// Waits before the next attempt. Returns false when a stop was requested meanwhile, or
+    /// when the attempts have run past `retry.deadline`.
+    ///
+    /// With `retry.polling`, the worker polls while it waits: it keeps its group membership
+    /// (`max.poll.interval.ms`) and serves rebalances. Messages fetched meanwhile go to the
+    /// pending batch, which is written after this one. Once the pending batch is full, the
+    /// worker pauses its partitions, so memory holds at most these two batches whatever the
+    /// outage's length. Without `polling`, as inside a rebalance callback, it sleeps.
     private func waitBeforeRetry(_ retry: inout RetryState) -> Bool {
         let delay = retry.backoff.next()
-        let deadline = MonotonicTime.now().nanoseconds + delay * 1_000_000
+        var deadline = MonotonicTime.now().nanoseconds + delay * 1_000_000
+        if let limit = retry.deadline {
+            if MonotonicTime.now().nanoseconds >= limit.nanoseconds {
+                retry.pastDeadline = true
+                return false
+            }
+            deadline = min(deadline, limit.nanoseconds)
+        }
         while MonotonicTime.now().nanoseconds < deadline {
+            if retry.polling, pending.isFull(configuration.ingest) {
+                pauseForRestart(Array(positions.keys))
+            }
             if stopSignal.isRequested {
                 logger.warning(
                     "stopping with the batch not written; it will be read again on the next start",
                     ["batch.messages": retry.batch.count])
                 return false
             }
-            usleep(20_000)
+            if fatalFailure != nil { return false }
+            guard retry.polling, let consumer else {
+                usleep(20_000)
+                continue
+            }
+            let remaining = (deadline - MonotonicTime.now().nanoseconds) / 1_000_000
+            let result = consumer.poll(timeoutMilliseconds: Int32(max(0, min(Self.pollTimeoutMilliseconds, remaining))))
+            switch result {
+            case .message(let message):
+                accept(message)
+            case .error(let error, let partition):
+                do {
+                    try handleConsumerError(error, partition: partition)
+                } catch {
+                    fatalFailure = error
+                    return false
+                }
+            case nil:
+                break
+            }
+            if MonotonicTime.now().milliseconds(since: progress.lastCheck) >= Self.statusIntervalMilliseconds {
+                let state = checkProgress(now: MonotonicTime.now())
+                // Between attempts no transaction is open; the report needs a live connection.
+                reportStatus(state.state, detail: state.detail)
+            }
         }
         return true
+    }
+
+    /// Pauses partitions that must later continue from `positions[…].nextOffset`.
+    func pauseForRestart(_ partitions: [PartitionID]) {
+        let newlyPaused = partitions.filter { !pausedForRestart.contains($0) }
+        guard !newlyPaused.isEmpty, let consumer else { return }
+        do {
+            try consumer.pause(newlyPaused.map { KafkaTopicPartition(topic: $0.topic, partition: $0.partition) })
+        } catch {
+            logger.warning("pausing partitions failed", ["error": error])
+        }
+        if pausedForRestart.isEmpty {
+            logger.info(
+                "pausing consumption until the batch in flight is written",
+                ["kafka.partitions": describe(newlyPaused), "batch.writing": isWriting])
+        }
+        pausedForRestart.formUnion(newlyPaused)
+    }
+
+    /// Moves each paused partition to its next offset and resumes it. A partition never stays
+    /// paused: a failure is retried from the main loop.
+    func restartPausedPartitions() {
+        guard let consumer else { return }
+        pausedForRestart = pausedForRestart.filter { positions[$0] != nil }
+        guard !pausedForRestart.isEmpty, restartAttempt.isDue else { return }
+        let targets = pausedForRestart.sorted().map { partition in
+            let position = positions[partition]!
+            return KafkaTopicPartition(
+                topic: partition.topic, partition: partition.partition,
+                offset: position.nextOffset ?? position.storedOffset ?? KafkaOffset.beginning)
+        }
+        do {
+            try consumer.seek(targets, timeoutMilliseconds: 10_000)
+            try consumer.resume(targets)
+        } catch {
+            logger.rateLimited(
+                .warning, "resuming paused partitions failed; retrying", intervalSeconds: 10, ["error": error])
+            restartAttempt.failed()
+            return
+        }
+        restartAttempt.succeeded()
+        pausedForRestart.removeAll()
+        logger.info("consumption resumed", ["kafka.partitions": targets.map(\.description).joined(separator: ",")])
     }
 
     /// Returns the open ledger store, reconnecting if needed, or nil when PostgreSQL cannot be reached.
@@ -282,12 +436,14 @@ extension Worker {
         do {
             let reconnected = try LedgerStore(settings: configuration.postgres, logger: logger)
             reconnected.consumerGroup = configuration.kafka.groupID
+            reconnected.testHooks = storeTestHooks
             logger.info("connected to PostgreSQL", ["pg.target": reconnected.connection.target])
             store = reconnected
             return reconnected
         } catch {
             logger.rateLimited(
                 .error, "cannot connect to PostgreSQL; retrying", intervalSeconds: 10, ["error": "\(error)"])
+            observer.connectionFailed(error)
             return nil
         }
     }
@@ -305,6 +461,7 @@ extension Worker {
             positions[partition]?.storedOffset = next
         }
         totals.add(summary)
+        progress.lastProgress = MonotonicTime.now()
         logger.debug(
             "batch committed",
             [
@@ -333,12 +490,13 @@ extension Worker {
         observer.batchCommitted(summary)
     }
 
-    /// Another consumer wrote some of these partitions: drop the batch and go back to the
-    /// stored offsets of every partition it covered.
+    /// Another consumer wrote some of these partitions, for example a member that took them
+    /// over after this worker exceeded `max.poll.interval.ms`: roll the batch back and go on
+    /// from the stored offsets of every partition it covered. The batch is not retried.
     private func handleStaleOffsets(_ staleStored: [PartitionID: Int64?], batch: [ValidatedMessage]) {
         let partitions = Set(batch.map(\.partitionID)).sorted()
         logger.warning(
-            "stored offsets moved since the batch started; another consumer wrote them. Dropping the batch",
+            "stored offsets moved since the batch started; another consumer wrote them. Rolled back the batch, not retrying it",
             [
                 "kafka.partitions": staleStored.keys.sorted().map(\.description).joined(separator: ","),
                 "batch.messages": batch.count,
@@ -347,26 +505,37 @@ extension Worker {
         seekToStoredOffsets(partitions, knownStored: staleStored)
     }
 
+    /// Goes back to the stored offset of a message's partition after writing it alone kept
+    /// failing. The partition's messages are read and written again from there.
+    private func setAside(_ failed: ValidatedMessage, after error: PostgresError) {
+        let message = failed.message
+        logger.error(
+            "writing one message keeps failing; reading its partition again from the stored offset",
+            [
+                "error": error, "kafka.topic": message.topic, "kafka.partition": message.partition,
+                "kafka.offset": message.offset,
+            ])
+        seekToStoredOffsets([failed.partitionID], knownStored: [:])
+    }
+
     /// Moves each partition back to its stored offset, read again from PostgreSQL when it can
-    /// be reached, and otherwise taken from `knownStored` or the last commit.
+    /// be reached, and otherwise taken from `knownStored` or the last commit. The partitions
+    /// are paused, which drops the messages fetched ahead, and the restart after the write
+    /// seeks them to the stored offsets.
     private func seekToStoredOffsets(_ partitions: [PartitionID], knownStored: [PartitionID: Int64?]) {
         var current: [PartitionID: Int64] = [:]
         if let store = connectedStore() {
             current = (try? store.storedOffsets(partitions)) ?? [:]
         }
-        var targets: [KafkaTopicPartition] = []
+        // Messages fetched meanwhile for these partitions are read again from the stored offset.
+        _ = dropPending(of: Set(partitions))
+        var moved: [PartitionID] = []
         for partition in partitions where positions[partition] != nil {
             let stored = current[partition] ?? (knownStored[partition] ?? positions[partition]!.storedOffset)
             positions[partition] = PartitionPosition(storedOffset: stored, nextOffset: stored)
-            targets.append(
-                KafkaTopicPartition(
-                    topic: partition.topic, partition: partition.partition, offset: stored ?? KafkaOffset.beginning))
+            moved.append(partition)
         }
-        do {
-            try consumer?.seek(targets, timeoutMilliseconds: 10_000)
-        } catch {
-            logger.error("seeking back to the stored offsets failed", ["error": error])
-        }
+        pauseForRestart(moved)
     }
 }
 
@@ -382,6 +551,9 @@ enum WriteResult {
     case committed
     /// Another consumer had moved the stored offsets; the partitions seek back to them.
     case stale
+    /// Not written: the partitions were revoked while it waited, or the retries outlasted
+    /// their deadline. Nothing of it was committed.
+    case abandoned
     /// A stop was requested, or the worker met an error it cannot go on from.
     case stopped
 }
@@ -392,6 +564,11 @@ private struct RetryState {
     var batch: [ValidatedMessage]
     /// The clock reading that validation used.
     var validatedAt: EventTime
+    /// Whether the worker may poll Kafka while it waits between attempts.
+    var polling: Bool
+    /// When to give up, for a write that must end soon (inside a rebalance callback).
+    var deadline: MonotonicTime?
+    var pastDeadline = false
     var backoff = Backoff()
     var conflicts = 0
     var failures = 0
@@ -399,12 +576,19 @@ private struct RetryState {
     var connectionWasLost = false
     /// True for one message written alone after its batch failed.
     var isolated = false
+    /// The log starts of partitions whose offsets before the batch were deleted by retention,
+    /// found once per batch.
+    var logStarts: [PartitionID: Int64]?
 
-    init(batch: [ValidatedMessage], validatedAt: EventTime, isolated: Bool) {
+    init(batch: [ValidatedMessage], validatedAt: EventTime, polling: Bool, deadline: MonotonicTime?) {
         self.batch = batch
         self.validatedAt = validatedAt
-        self.isolated = isolated
+        self.polling = polling
+        self.deadline = deadline
     }
+
+    /// What a write that stopped retrying returns.
+    var stopResult: WriteResult { pastDeadline ? .abandoned : .stopped }
 }
 
 /// Formats microseconds as milliseconds with one decimal, for the stage timings in the debug log.

@@ -157,6 +157,7 @@ extension Worker {
         do {
             let store = try LedgerStore(settings: configuration.postgres, logger: logger)
             store.consumerGroup = configuration.kafka.groupID
+            store.testHooks = storeTestHooks
             helper.store = store
             logger.info("connected the split writer to PostgreSQL", ["pg.target": store.connection.target])
             return helper

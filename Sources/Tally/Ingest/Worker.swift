@@ -17,24 +17,33 @@ public struct WorkerError: Error, Sendable, CustomStringConvertible {
 /// `run()` blocks its thread until `stopSignal` is set or a fatal error occurs. Everything,
 /// the rebalance callbacks included, runs on that thread, so the worker needs no locks.
 public final class Worker: KafkaRebalanceHandler {
-    /// Callbacks for tests and embedding programs. Both run on the worker's thread.
-    public struct Observer {
-        /// After partitions are assigned, with the stored offset each starts from (nil: the log start).
-        public var partitionsAssigned: ([PartitionID: Int64?]) -> Void = { _ in }
+    /// Callbacks for tests and embedding programs. All run on the worker's thread.
+    public struct Observer: Sendable {
+        /// After partitions start, with the stored offset each starts from (nil: the log start).
+        public var partitionsAssigned: @Sendable ([PartitionID: Int64?]) -> Void = { _ in }
         /// After each committed batch.
-        public var batchCommitted: (BatchSummary) -> Void = { _ in }
+        public var batchCommitted: @Sendable (BatchSummary) -> Void = { _ in }
         /// After validating a batch read from Kafka, with its message count. Retries of a
         /// batch keep its validated outcomes and do not call it again.
-        public var batchValidated: (Int) -> Void = { _ in }
+        public var batchValidated: @Sendable (Int) -> Void = { _ in }
+        /// TEST HOOK: before each attempt to write a batch, with the offsets of each partition
+        /// in it. A test can block here to stall the worker inside a batch.
+        public var beforeWrite: @Sendable ([PartitionID: ClosedRange<Int64>]) -> Void = { _ in }
+        /// After each failed attempt to connect to PostgreSQL.
+        public var connectionFailed: @Sendable (Error) -> Void = { _ in }
 
         public init(
-            partitionsAssigned: @escaping ([PartitionID: Int64?]) -> Void = { _ in },
-            batchCommitted: @escaping (BatchSummary) -> Void = { _ in },
-            batchValidated: @escaping (Int) -> Void = { _ in }
+            partitionsAssigned: @escaping @Sendable ([PartitionID: Int64?]) -> Void = { _ in },
+            batchCommitted: @escaping @Sendable (BatchSummary) -> Void = { _ in },
+            batchValidated: @escaping @Sendable (Int) -> Void = { _ in },
+            beforeWrite: @escaping @Sendable ([PartitionID: ClosedRange<Int64>]) -> Void = { _ in },
+            connectionFailed: @escaping @Sendable (Error) -> Void = { _ in }
         ) {
             self.partitionsAssigned = partitionsAssigned
             self.batchCommitted = batchCommitted
             self.batchValidated = batchValidated
+            self.beforeWrite = beforeWrite
+            self.connectionFailed = connectionFailed
         }
     }
 
@@ -45,35 +54,55 @@ public final class Worker: KafkaRebalanceHandler {
     let validator: EventValidator
     let limits: ValidationLimits
     let observer: Observer
+    /// Fault injection inside the batch transaction, for tests; empty in production.
+    let storeTestHooks: LedgerStoreTestHooks
 
     var store: LedgerStore?
     /// The second connection for batches written as two transactions; nil until first needed.
     var splitWriter: SplitWriter?
     var consumer: KafkaConsumer?
-    /// The assigned partitions, with the stored offset of each as of the last commit.
+    /// The partitions being consumed, with the stored offset of each as of the last commit.
     var positions: [PartitionID: PartitionPosition] = [:]
+    /// Partitions assigned while their stored offsets could not be read. They are assigned
+    /// paused and start once PostgreSQL answers.
+    var awaitingStart: Set<PartitionID> = []
+    var startAttempt = RetryTimer()
+    /// Partitions paused because a batch waits to be written or their offsets moved. They are
+    /// moved to `positions[…].nextOffset` and resumed as soon as the write is over.
+    var pausedForRestart: Set<PartitionID> = []
+    var restartAttempt = RetryTimer()
     var pending = PendingBatch()
     var totals = IngestTotals()
+    /// True while a batch is written, including the waits between its attempts.
+    var isWriting = false
     var lastProgressLog = MonotonicTime.now()
     var lastMaintenance = MonotonicTime.now()
+    var progress = ProgressTracker()
+    let identity = WorkerIdentity()
     /// An error that ends `run()`, set where throwing is not possible (inside a rebalance).
     var fatalFailure: WorkerError?
 
     /// How often the dedupe partitions are checked, and progress is logged.
     static let maintenanceIntervalMilliseconds: Int64 = 10 * 60 * 1000
     static let progressIntervalMilliseconds: Int64 = 10 * 1000
+    /// How often the worker checks its progress and writes its row of the `workers` table.
+    static let statusIntervalMilliseconds: Int64 = 5 * 1000
     /// The maximum wait for one message, short so that a stop request is seen quickly.
     static let pollTimeoutMilliseconds: Int64 = 100
+    /// How long a revocation may retry the batch of the revoked partitions before it rolls it
+    /// back. The rebalance waits meanwhile, and the worker cannot poll.
+    static let revocationWriteBudgetMilliseconds: Int64 = 5000
 
     public init(
         configuration: Configuration, clock: any TallyClock = SystemClock(), logger: Logger, stopSignal: StopSignal,
-        observer: Observer = Observer()
+        observer: Observer = Observer(), storeTestHooks: LedgerStoreTestHooks = LedgerStoreTestHooks()
     ) {
         self.configuration = configuration
         self.clock = clock
         self.logger = logger
         self.stopSignal = stopSignal
         self.observer = observer
+        self.storeTestHooks = storeTestHooks
         self.limits = ValidationLimits(
             maxPayloadBytes: configuration.ingest.maxPayloadBytes,
             dedupeWindowMicroseconds: configuration.ingest.dedupeWindowMicroseconds,
@@ -100,31 +129,49 @@ public final class Worker: KafkaRebalanceHandler {
                 "pg.target": store!.connection.target,
                 "pg.schema": configuration.postgres.schema,
                 "meters": configuration.meters.count,
+                "worker.id": identity.id,
             ])
 
-        while !stopSignal.isRequested {
-            let maxWait = Int64(configuration.ingest.batchMaxWaitMilliseconds)
-            let timeout = min(Self.pollTimeoutMilliseconds, max(0, pending.remainingWait(limitMilliseconds: maxWait)))
-            if let result = consumer!.poll(timeoutMilliseconds: Int32(timeout)) {
-                try handle(result)
+        do {
+            while !stopSignal.isRequested {
+                let maxWait = Int64(configuration.ingest.batchMaxWaitMilliseconds)
+                let timeout = min(
+                    Self.pollTimeoutMilliseconds, max(0, pending.remainingWait(limitMilliseconds: maxWait)))
+                if let result = consumer!.poll(timeoutMilliseconds: Int32(timeout)) {
+                    try handle(result)
+                }
+                if pending.isFull(configuration.ingest) || pending.hasWaited(maxWait) {
+                    flush()
+                }
+                if let fatalFailure {
+                    throw fatalFailure
+                }
+                if !pausedForRestart.isEmpty { restartPausedPartitions() }
+                if !awaitingStart.isEmpty { startAwaitingPartitions() }
+                performPeriodicWork()
             }
-            if pending.isFull(configuration.ingest) || pending.hasWaited(maxWait) {
-                flush()
-            }
-            if let fatalFailure {
-                throw fatalFailure
-            }
-            performPeriodicWork()
+        } catch {
+            reportStatus(.stopped, detail: "\(error)")
+            throw error
         }
 
+        let stopSeen = MonotonicTime.now()
         logger.info("stopping", ["batch.messages": pending.messages.count])
         flush()
         do {
             // Leaving the group runs the revocation callback, which has nothing left to flush.
-            try consumer?.close()
+            // The budget is what the shutdown timeout leaves, less a margin for the exit.
+            let spent = MonotonicTime.now().milliseconds(since: stopSeen)
+            let budget = max(500, Int64(configuration.ingest.shutdownTimeoutMilliseconds) - spent - 1000)
+            if try consumer?.close(timeoutMilliseconds: budget) == false {
+                logger.warning(
+                    "leaving the consumer group took too long; exiting without waiting for the group coordinator",
+                    ["shutdown.wait_ms": budget])
+            }
         } catch {
             logger.warning("leaving the consumer group failed", ["error": error])
         }
+        reportStatus(.stopped, detail: "")
         logTotals("worker stopped")
     }
 
@@ -138,6 +185,7 @@ public final class Worker: KafkaRebalanceHandler {
             throw WorkerError("cannot connect to PostgreSQL: \(error.message)")
         }
         store.consumerGroup = configuration.kafka.groupID
+        store.testHooks = storeTestHooks
         self.store = store
         let changed = try store.recordMeters(configuration.meters)
         for slug in changed {
@@ -177,23 +225,40 @@ public final class Worker: KafkaRebalanceHandler {
         case .message(let message):
             accept(message)
         case .error(let error, let partition):
-            if error.isFatal {
-                throw WorkerError("fatal Kafka error: \(error)")
-            }
-            logger.rateLimited(
-                .warning, "kafka consumer error", intervalSeconds: 10,
-                [
-                    "kafka.error": error.name, "error": error.message,
-                    "kafka.partition": partition.map { "\($0.topic)[\($0.partition)]" } ?? "-",
-                ])
+            try handleConsumerError(error, partition: partition)
         }
     }
 
+    /// Logs a consumer error, and throws a fatal one.
+    func handleConsumerError(_ error: KafkaError, partition: KafkaTopicPartition?) throws(WorkerError) {
+        if error.isFatal {
+            throw WorkerError("fatal Kafka error: \(error)")
+        }
+        if error.isMaxPollExceeded {
+            // The revocation of the lost partitions follows on the next poll, and the consumer
+            // rejoins the group by itself.
+            logger.warning(
+                "max.poll.interval.ms exceeded: the consumer left the group and its partitions move to other members. Dropping their uncommitted messages and rejoining",
+                [
+                    "kafka.partitions": describe(Array(positions.keys) + Array(awaitingStart)),
+                    "batch.messages": pending.messages.count,
+                ])
+            return
+        }
+        logger.rateLimited(
+            .warning, "kafka consumer error", intervalSeconds: 10,
+            [
+                "kafka.error": error.name, "error": error.message,
+                "kafka.partition": partition.map { "\($0.topic)[\($0.partition)]" } ?? "-",
+            ])
+    }
+
     /// Adds a message to the pending batch, unless it is not ours or already handled.
-    private func accept(_ message: KafkaMessage) {
+    func accept(_ message: KafkaMessage) {
         let partition = PartitionID(topic: message.topic, partition: message.partition)
-        guard var position = positions[partition] else {
-            // A message fetched before its partition was revoked.
+        guard var position = positions[partition], !pausedForRestart.contains(partition) else {
+            // A message fetched before its partition was revoked or paused. A paused partition
+            // is moved to its next offset before it resumes, so the message is read again.
             return
         }
         if let next = position.nextOffset, message.offset < next {
@@ -212,6 +277,10 @@ public final class Worker: KafkaRebalanceHandler {
 
     private func performPeriodicWork() {
         let now = MonotonicTime.now()
+        if now.milliseconds(since: progress.lastCheck) >= Self.statusIntervalMilliseconds {
+            let state = checkProgress(now: now)
+            reportStatus(state.state, detail: state.detail)
+        }
         if now.milliseconds(since: lastProgressLog) >= Self.progressIntervalMilliseconds {
             lastProgressLog = now
             if totals.batchesSinceLastLog > 0 { logTotals("ingest progress") }
@@ -221,6 +290,7 @@ public final class Worker: KafkaRebalanceHandler {
             lastMaintenance = now
             do {
                 try store?.maintainDedupePartitions(now: clock.now(), limits: limits)
+                try store?.deleteStaleWorkerStatuses(olderThanSeconds: 86_400)
             } catch {
                 logger.warning("dedupe partition maintenance failed; retrying later", ["error": error])
             }
@@ -234,6 +304,23 @@ public final class Worker: KafkaRebalanceHandler {
                 "batches": totals.batches, "ledger.accepted": totals.accepted, "ledger.unmetered": totals.unmetered,
                 "ledger.duplicates": totals.duplicates, "ledger.dead_letters": totals.deadLetters,
             ])
+    }
+}
+
+/// When to try a failed step again, with exponential backoff.
+struct RetryTimer {
+    var backoff = Backoff()
+    var next = MonotonicTime.now()
+
+    var isDue: Bool { MonotonicTime.now().nanoseconds >= next.nanoseconds }
+
+    mutating func failed() {
+        next = MonotonicTime(nanoseconds: MonotonicTime.now().nanoseconds + backoff.next() * 1_000_000)
+    }
+
+    mutating func succeeded() {
+        backoff = Backoff()
+        next = MonotonicTime.now()
     }
 }
 

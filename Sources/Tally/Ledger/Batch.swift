@@ -33,6 +33,9 @@ public struct OffsetGap: Sendable, Equatable {
     /// Offsets skipped inside or before a batch: transaction markers, compacted records, or
     /// records removed by retention while the partition was not read.
     public static let skippedReason = "offsets_skipped"
+    /// Offsets below the partition's log start when Tally read it: retention (or a deletion of
+    /// records) removed them before Tally read them, so their events are lost to Tally.
+    public static let retentionReason = "retention"
 }
 
 /// The changes of a committed batch.

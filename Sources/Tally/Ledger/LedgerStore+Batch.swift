@@ -13,11 +13,16 @@ extension LedgerStore {
     /// stored offset past the partition's last message, all or nothing.
     ///
     /// Messages of one partition must be in increasing offset order.
+    ///
+    /// `logStarts` holds the log start of partitions whose first message lies beyond the
+    /// stored offset. The offsets below the log start are recorded as a gap with the reason
+    /// `retention`: the broker deleted them before they were read.
     public func writeBatch(
-        _ messages: [ValidatedMessage], expectedOffsets: [PartitionID: Int64?], now: EventTime, limits: ValidationLimits
+        _ messages: [ValidatedMessage], expectedOffsets: [PartitionID: Int64?], now: EventTime,
+        limits: ValidationLimits, logStarts: [PartitionID: Int64] = [:]
     ) throws(BatchWriteError) -> BatchSummary {
         var spans = partitionSpans(messages, expectedOffsets: expectedOffsets)
-        let gaps = offsetGaps(messages, spans: spans)
+        let gaps = offsetGaps(messages, spans: spans, logStarts: logStarts)
         do {
             try ensureDedupePartitions(now: now, limits: limits)
         } catch {
@@ -57,9 +62,11 @@ extension LedgerStore {
             try insertGaps(gaps)
             try advanceStoredOffsets(spans)
             timings.other += lap()
+            try testHooks.beforeCommit?()
             try connection.execute("COMMIT")
             timings.commit = lap()
             logGaps(gaps)
+            try testHooks.afterCommit?()
 
             var summary = BatchSummary()
             summary.timings = timings
@@ -152,18 +159,31 @@ extension LedgerStore {
         return spans
     }
 
-    /// Finds the offset ranges without a message between each stored offset and the last message.
-    private func offsetGaps(_ messages: [ValidatedMessage], spans: [PartitionID: PartitionSpan]) -> [OffsetGap] {
+    /// Finds the offset ranges without a message between each stored offset and the last
+    /// message. The part of a range below the partition's log start is a retention gap.
+    private func offsetGaps(
+        _ messages: [ValidatedMessage], spans: [PartitionID: PartitionSpan], logStarts: [PartitionID: Int64]
+    ) -> [OffsetGap] {
         var nextExpected = spans.mapValues { $0.startOffset }
         var gaps: [OffsetGap] = []
         for validated in messages {
             let partition = validated.partitionID
             let offset = validated.message.offset
-            if let expected = nextExpected[partition], offset > expected {
-                gaps.append(
-                    OffsetGap(
-                        partition: partition, fromOffset: expected, toOffset: offset - 1,
-                        reason: OffsetGap.skippedReason))
+            if var expected = nextExpected[partition], offset > expected {
+                if let logStart = logStarts[partition], logStart > expected {
+                    let end = min(logStart, offset)
+                    gaps.append(
+                        OffsetGap(
+                            partition: partition, fromOffset: expected, toOffset: end - 1,
+                            reason: OffsetGap.retentionReason))
+                    expected = end
+                }
+                if offset > expected {
+                    gaps.append(
+                        OffsetGap(
+                            partition: partition, fromOffset: expected, toOffset: offset - 1,
+                            reason: OffsetGap.skippedReason))
+                }
             }
             nextExpected[partition] = offset + 1
         }
@@ -337,7 +357,16 @@ extension LedgerStore {
     }
 
     private func logGaps(_ gaps: [OffsetGap]) {
-        for gap in gaps {
+        for gap in gaps where gap.reason == OffsetGap.retentionReason {
+            logger.error(
+                "offsets lost to retention: the broker deleted them before Tally read them; continuing from the log start",
+                [
+                    "kafka.topic": gap.partition.topic, "kafka.partition": gap.partition.partition,
+                    "gap.from_offset": gap.fromOffset, "gap.to_offset": gap.toOffset,
+                    "gap.offsets": gap.toOffset - gap.fromOffset + 1,
+                ])
+        }
+        for gap in gaps where gap.reason != OffsetGap.retentionReason {
             logger.warning(
                 "offsets without a message",
                 [

@@ -34,6 +34,8 @@ public final class LedgerStore {
     var knownDedupePartitions = Set<Int64>()
     /// The Kafka consumer group recorded with each stored offset this store advances.
     public var consumerGroup: String?
+    /// Fault injection for tests only; nil in production. See `LedgerStoreTestHooks`.
+    public var testHooks = LedgerStoreTestHooks()
 
     /// Connects and checks that the schema is at the version this build expects.
     public convenience init(settings: PostgresSettings, logger: Logger) throws {
@@ -142,6 +144,21 @@ public final class LedgerStore {
             [.text(writer.text)])
         return result.rows.compactMap { $0[0] }
     }
+}
+
+/// TEST HOOKS: points inside the batch transaction where tests inject faults, such as a
+/// process kill before COMMIT or a connection that drops after COMMIT returned. Production
+/// code never sets them; `tally run` sets them only from the `TALLY_TEST_HOOK` environment
+/// variable (see docs/operations.md).
+public struct LedgerStoreTestHooks: Sendable {
+    /// Runs after every statement of a batch, just before COMMIT. A thrown error rolls the
+    /// batch back like a failed statement.
+    public var beforeCommit: (@Sendable () throws(PostgresError) -> Void)?
+    /// Runs after COMMIT returned. A thrown error reaches the worker as if the COMMIT's
+    /// outcome were unknown, although the batch is committed.
+    public var afterCommit: (@Sendable () throws(PostgresError) -> Void)?
+
+    public init() {}
 }
 
 /// A partition's row in `partition_offsets`.

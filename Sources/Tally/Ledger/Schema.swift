@@ -20,6 +20,7 @@ enum Schema {
             version: 1, description: "ledger, rollups, dedupe keys, duplicates, dead letters and offsets", sql: version1
         ),
         Migration(version: 2, description: "offset ranges of committed batches", sql: version2),
+        Migration(version: 3, description: "worker status", sql: version3),
         Migration(
             version: 4, description: "backfill runs, dead-letter replay and the usage function", sql: version4),
     ]
@@ -238,5 +239,24 @@ enum Schema {
         CREATE UNIQUE INDEX batches_live_chain ON {schema}.batches (topic, partition, from_offset)
             WHERE backfill_run IS NULL;
         CREATE INDEX batches_backfill ON {schema}.batches (backfill_run) WHERE backfill_run IS NOT NULL;
+        """
+
+    private static let version3 = """
+        -- One row per worker process, written by the worker every few seconds: its consumer
+        -- group, the partitions it consumes, their lag, and whether it makes progress. `tally
+        -- stats` reads it. A row whose heartbeat_at is old belongs to a worker that is gone.
+        CREATE TABLE {schema}.workers (
+            worker_id text PRIMARY KEY,
+            consumer_group text NOT NULL,
+            host text NOT NULL,
+            pid integer NOT NULL,
+            status text NOT NULL,
+            detail text NOT NULL DEFAULT '',
+            partitions text NOT NULL DEFAULT '',
+            lag bigint,
+            started_at timestamptz NOT NULL,
+            last_progress_at timestamptz,
+            heartbeat_at timestamptz NOT NULL
+        );
         """
 }

@@ -14,9 +14,21 @@ public struct StatsReport: Sendable {
         public var unmetered: Int64 = 0
         public var duplicates: Int64 = 0
         public var deadLetters: [String: Int64] = [:]
+        /// Offsets below the stored offset that carried no message, all reasons together.
         public var gapOffsets: Int64 = 0
+        /// Of those, the offsets that retention deleted before Tally read them.
+        public var retentionGapOffsets: Int64 = 0
+        /// Seconds since the stored offset last moved.
+        public var secondsSinceUpdate: Int64?
         /// The log start and end reported by Kafka, when asked.
         public var watermarks: KafkaWatermarks?
+
+        /// Whether the log now starts beyond the stored offset: retention deleted messages that
+        /// Tally has not read. The gap is recorded when the partition is next read.
+        public var isBelowLogStart: Bool {
+            guard let watermarks, let storedOffset else { return false }
+            return storedOffset < watermarks.low
+        }
 
         /// Messages in the log that Tally has not written yet.
         public var lag: Int64? {
@@ -35,8 +47,49 @@ public struct StatsReport: Sendable {
         public var subjects: Int64
     }
 
+    /// A recorded range of offsets without a message.
+    public struct GapRow: Sendable {
+        public var partition: PartitionID
+        public var fromOffset: Int64
+        public var toOffset: Int64
+        public var reason: String
+        /// When the worker found the gap, as PostgreSQL text in UTC.
+        public var detectedAt: String
+    }
+
     public var partitions: [PartitionRow]
     public var meters: [MeterRow]
+    /// The retention gaps, newest first.
+    public var retentionGaps: [GapRow] = []
+    /// The workers that wrote their status within the last day.
+    public var workers: [WorkerStatusRow] = []
+
+    /// Problems an operator should look at: workers without progress, partitions with lag
+    /// whose stored offset has not moved for `stalledAfterSeconds`, and partitions whose log
+    /// starts beyond the stored offset. Empty when all is well. Lag needs the watermarks.
+    public func problems(stalledAfterSeconds: Int64, liveWorkerSeconds: Int64 = 60) -> [String] {
+        var found: [String] = []
+        for worker in workers where worker.secondsSinceHeartbeat <= liveWorkerSeconds && worker.status == "no_progress"
+        {
+            found.append(
+                "worker \(worker.workerID) makes no progress on \(worker.partitions) (lag \(worker.lag.map(String.init) ?? "unknown"), \(worker.secondsSinceProgress ?? 0) s): \(worker.detail)"
+            )
+        }
+        for row in partitions {
+            if row.isBelowLogStart {
+                found.append(
+                    "\(row.partition): the log starts at \(row.watermarks!.low), beyond the stored offset \(row.storedOffset!); retention deleted unread messages"
+                )
+            }
+            guard let lag = row.lag, lag > 0 else { continue }
+            if let seconds = row.secondsSinceUpdate, seconds >= stalledAfterSeconds {
+                found.append("\(row.partition): lag \(lag), and the stored offset has not moved for \(seconds) s")
+            } else if row.storedOffset == nil {
+                found.append("\(row.partition): lag \(lag), and nothing is stored yet")
+            }
+        }
+        return found
+    }
 
     public var totalAccepted: Int64 { partitions.reduce(0) { $0 + $1.accepted } }
     public var totalDuplicates: Int64 { partitions.reduce(0) { $0 + $1.duplicates } }
@@ -61,7 +114,8 @@ extension LedgerStore {
 
         let offsets = try connection.execute(
             """
-            SELECT topic, partition, first_offset, next_offset, accepted, unmetered, duplicates
+            SELECT topic, partition, first_offset, next_offset, accepted, unmetered, duplicates,
+                   floor(extract(epoch FROM now() - updated_at))::bigint
             FROM \(schema).partition_offsets
             """)
         for row in 0..<offsets.rowCount {
@@ -73,6 +127,7 @@ extension LedgerStore {
             entry.accepted = offsets.int(row: row, column: 4) ?? 0
             entry.unmetered = offsets.int(row: row, column: 5) ?? 0
             entry.duplicates = offsets.int(row: row, column: 6) ?? 0
+            entry.secondsSinceUpdate = offsets.int(row: row, column: 7)
             rows[id] = entry
         }
 
@@ -88,11 +143,35 @@ extension LedgerStore {
         }
 
         let gaps = try connection.execute(
-            "SELECT topic, partition, sum(to_offset - from_offset + 1) FROM \(schema).offset_gaps GROUP BY 1, 2")
+            """
+            SELECT topic, partition, sum(to_offset - from_offset + 1),
+                   coalesce(sum(to_offset - from_offset + 1) FILTER (WHERE reason = $1), 0)
+            FROM \(schema).offset_gaps GROUP BY 1, 2
+            """,
+            [.text(OffsetGap.retentionReason)])
         for row in 0..<gaps.rowCount {
             let id = PartitionID(
                 topic: gaps.string(row: row, column: 0)!, partition: Int32(gaps.int(row: row, column: 1)!))
             rows[id, default: StatsReport.PartitionRow(partition: id)].gapOffsets = gaps.int(row: row, column: 2) ?? 0
+            rows[id, default: StatsReport.PartitionRow(partition: id)].retentionGapOffsets =
+                gaps.int(row: row, column: 3) ?? 0
+        }
+
+        let retention = try connection.execute(
+            """
+            SELECT topic, partition, from_offset, to_offset, reason,
+                   to_char(detected_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')
+            FROM \(schema).offset_gaps WHERE reason = $1
+            ORDER BY detected_at DESC, topic, partition, from_offset LIMIT 100
+            """,
+            [.text(OffsetGap.retentionReason)])
+        let retentionGaps = (0..<retention.rowCount).map { row in
+            StatsReport.GapRow(
+                partition: PartitionID(
+                    topic: retention.string(row: row, column: 0)!,
+                    partition: Int32(retention.int(row: row, column: 1)!)),
+                fromOffset: retention.int(row: row, column: 2)!, toOffset: retention.int(row: row, column: 3)!,
+                reason: retention.string(row: row, column: 4)!, detectedAt: retention.string(row: row, column: 5)!)
         }
 
         var meterRows: [StatsReport.MeterRow] = []
@@ -115,6 +194,8 @@ extension LedgerStore {
                     slug: meter.slug, aggregation: meter.aggregation.rawValue, total: totals.string(row: 0, column: 0),
                     events: totals.int(row: 0, column: 1) ?? 0, subjects: totals.int(row: 0, column: 2) ?? 0))
         }
-        return StatsReport(partitions: rows.values.sorted { $0.partition < $1.partition }, meters: meterRows)
+        return StatsReport(
+            partitions: rows.values.sorted { $0.partition < $1.partition }, meters: meterRows,
+            retentionGaps: retentionGaps, workers: try workerStatuses())
     }
 }

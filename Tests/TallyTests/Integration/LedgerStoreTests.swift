@@ -179,6 +179,33 @@ struct LedgerStoreTests {
         }
     }
 
+    @Test func offsetsBelowTheLogStartAreRetentionGaps() async throws {
+        try await withTestSchema { schema in
+            let store = try makeStore(schema)
+            let validator = try makeValidator()
+            let partition = PartitionID(topic: "usage", partition: 0)
+            _ = try store.writeBatch(
+                validated([apiCall("e1"), apiCall("e2")], validator: validator), expectedOffsets: [partition: nil],
+                now: now, limits: Self.limits)
+            // Retention moved the log start to 7; offsets 7 to 9 carried no message (markers).
+            let next = validated([apiCall("e3"), apiCall("e4")], firstOffset: 10, validator: validator)
+            let summary = try store.writeBatch(
+                next, expectedOffsets: [partition: 2], now: now, limits: Self.limits, logStarts: [partition: 7])
+
+            #expect(summary.gaps.map(\.reason) == ["retention", "offsets_skipped"])
+            let gaps = try schema.query(
+                "SELECT from_offset::text, to_offset::text, reason FROM {s}.offset_gaps ORDER BY from_offset")
+            #expect(gaps == [["2", "6", "retention"], ["7", "9", "offsets_skipped"]])
+            // A log start beyond the first message still records only what lies before it.
+            let later = validated([apiCall("e5")], firstOffset: 15, validator: validator)
+            _ = try store.writeBatch(
+                later, expectedOffsets: [partition: 12], now: now, limits: Self.limits, logStarts: [partition: 20])
+            #expect(try schema.query("SELECT reason FROM {s}.offset_gaps WHERE from_offset = 12") == [["retention"]])
+            #expect(try schema.scalar("SELECT to_offset FROM {s}.offset_gaps WHERE from_offset = 12") == "14")
+            try schema.expectInvariants()
+        }
+    }
+
     @Test func aggregationsKeepMinMaxAndLatestByEventTime() async throws {
         try await withTestSchema { schema in
             let meters = [

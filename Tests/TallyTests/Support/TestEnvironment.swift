@@ -181,19 +181,25 @@ final class RunningWorker: @unchecked Sendable {
     var validatedCount: Int { validated.withLock { $0 } }
     private let validated = Mutex(0)
 
-    init(configuration: Configuration, clock: any TallyClock, logger: Logger = Logger(level: .warning)) {
+    init(
+        configuration: Configuration, clock: any TallyClock, logger: Logger = Logger(level: .warning),
+        observer: Worker.Observer = Worker.Observer(), storeTestHooks: LedgerStoreTestHooks = LedgerStoreTestHooks()
+    ) {
         let stopSignal = self.stopSignal
         settings = configuration.postgres
         let thread = Thread { [self] in
-            let observer = Worker.Observer(
-                partitionsAssigned: { partitions in
-                    self.assignedCount.withLock { $0 += partitions.count }
-                },
-                batchValidated: { count in
-                    self.validated.withLock { $0 += count }
-                })
+            var counting = observer
+            counting.partitionsAssigned = { partitions in
+                self.assignedCount.withLock { $0 += partitions.count }
+                observer.partitionsAssigned(partitions)
+            }
+            counting.batchValidated = { count in
+                self.validated.withLock { $0 += count }
+                observer.batchValidated(count)
+            }
             let worker = Worker(
-                configuration: configuration, clock: clock, logger: logger, stopSignal: stopSignal, observer: observer)
+                configuration: configuration, clock: clock, logger: logger, stopSignal: stopSignal, observer: counting,
+                storeTestHooks: storeTestHooks)
             do {
                 try worker.run()
             } catch {
@@ -232,6 +238,9 @@ final class RunningWorker: @unchecked Sendable {
         }
         throw SetupError("the worker did not catch up within \(timeoutSeconds) s; stored offsets: \(lastSeen)")
     }
+
+    /// The error that ended the worker, if it failed.
+    var failureMessage: String? { failure.withLock { $0 } }
 
     /// Stops the worker and waits for its thread to end. Calling it again returns at once.
     func stop() throws {

@@ -49,6 +49,9 @@ struct ConfigurationTests {
         #expect(configuration.ingest.maxPayloadBytes == 1_048_576)
         #expect(configuration.postgres.conninfo == "")
         #expect(configuration.postgres.schema == "tally")
+        #expect(configuration.ingest.shutdownTimeoutMilliseconds == 30_000)
+        #expect(configuration.ingest.noProgressTimeoutMilliseconds == 60_000)
+        #expect(configuration.kafka.consumerProperties.contains { $0 == ("partition.assignment.strategy", "cooperative-sticky") })
     }
 
     @Test func durationsAndSizesAreRead() throws {
@@ -64,6 +67,8 @@ struct ConfigurationTests {
                     max_messages: 100
                     max_bytes: 2MiB
                     max_wait: 20ms
+                  shutdown_timeout: 5s
+                  no_progress_timeout: 2m
                 """)
         #expect(configuration.ingest.dedupeWindowMicroseconds == 40 * 86_400_000_000)
         #expect(configuration.ingest.maxFutureSkewMicroseconds == 90_000_000)
@@ -71,6 +76,8 @@ struct ConfigurationTests {
         #expect(configuration.ingest.batchMaxMessages == 100)
         #expect(configuration.ingest.batchMaxBytes == 2 << 20)
         #expect(configuration.ingest.batchMaxWaitMilliseconds == 20)
+        #expect(configuration.ingest.shutdownTimeoutMilliseconds == 5000)
+        #expect(configuration.ingest.noProgressTimeoutMilliseconds == 120_000)
         #expect(configuration.ingest.writeConnections == 1)
     }
 
@@ -80,6 +87,8 @@ struct ConfigurationTests {
         #expect(message(Self.minimal + "\ningest:\n  max_future_skew: 2d").contains("at most 1d"))
         #expect(message(Self.minimal + "\ningest:\n  batch:\n    max_bytes: 1GiB").contains("to 256MiB"))
         #expect(message(Self.minimal + "\ningest:\n  batch:\n    max_messages: 0").contains("from 1 to"))
+        #expect(message(Self.minimal + "\ningest:\n  shutdown_timeout: 0s").contains("from 1s to 1h"))
+        #expect(message(Self.minimal + "\ningest:\n  no_progress_timeout: 500ms").contains("from 1s to 1d"))
         #expect(message(Self.minimal + "\ningest:\n  write_connections: 3").contains("from 1 to 2"))
     }
 
