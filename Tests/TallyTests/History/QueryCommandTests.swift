@@ -37,16 +37,13 @@ struct QueryCommandTests {
 
     /// Runs the `tally` that scripts/test built with `arguments`, and returns what it printed.
     static func runTally(_ arguments: [String], in directory: URL) throws -> Output {
-        guard let binary = ProcessInfo.processInfo.environment["TALLY_BINARY"] else {
-            throw SetupError("TALLY_BINARY is not set; run the tests through scripts/test, which builds tally")
-        }
         let outputURL = directory.appendingPathComponent("stdout-\(UUID().uuidString)")
         let errorURL = directory.appendingPathComponent("stderr-\(UUID().uuidString)")
         for url in [outputURL, errorURL] where !FileManager.default.createFile(atPath: url.path, contents: nil) {
             throw SetupError("cannot create \(url.path)")
         }
         let process = Process()
-        process.executableURL = URL(fileURLWithPath: binary)
+        process.executableURL = try tallyExecutable()
         process.arguments = arguments
         process.standardOutput = try FileHandle(forWritingTo: outputURL)
         process.standardError = try FileHandle(forWritingTo: errorURL)

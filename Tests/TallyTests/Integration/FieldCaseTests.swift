@@ -471,70 +471,19 @@ struct FieldCaseTests {
 /// Runs `tally run` as a child process with extra environment variables until it has stored
 /// everything produced so far, then stops it with SIGTERM and expects exit status 0.
 func runWorkerProcess(kafka: TestKafka, schema: TestSchema, environment: [String: String]) async throws {
-    guard let binary = ProcessInfo.processInfo.environment["TALLY_BINARY"] else {
-        throw SetupError("TALLY_BINARY is not set; run the tests through scripts/test, which builds tally")
-    }
-    let directory = FileManager.default.temporaryDirectory.appendingPathComponent("tally-test-\(schema.name)")
-    try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
-    defer { try? FileManager.default.removeItem(at: directory) }
-    let configurationFile = directory.appendingPathComponent("tally.yaml")
-    try """
-    kafka:
-      brokers: \(kafka.cluster.bootstrapServers)
-      topics: [\(kafka.topic)]
-      group_id: tally-test
-      properties:
-        session.timeout.ms: "6000"
-        heartbeat.interval.ms: "500"
-        log_level: "3"
-    postgres:
-      schema: \(schema.name)
-    ingest:
-      batch:
-        max_wait: 50ms
-    meters:
-      - slug: api_calls
-        event_type: api.call
-        aggregation: sum
-        value: $.data.quantity
-      - slug: calls
-        event_type: api.call
-        aggregation: count
-    """.write(to: configurationFile, atomically: true, encoding: .utf8)
+    let configuration = try writeProcessConfiguration(
+        kafka: kafka, schema: schema, groupID: "tally-test")
+    defer { try? FileManager.default.removeItem(at: configuration) }
+    let worker = try TallyProcess(["run", "--config", configuration.path], environment: environment)
+    defer { worker.cleanUp() }
 
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: binary)
-    process.arguments = ["run", "--config", configurationFile.path, "--log-level", "warning"]
-    process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 }
-    try process.run()
-    defer {
-        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+    for (partition, marks) in try kafka.watermarks() where marks.high > marks.low {
+        try await waitForStoredOffset(schema, partition: partition, atLeast: marks.high)
     }
-
-    let marks = try kafka.watermarks()
-    let deadline = Date().addingTimeInterval(60)
-    while true {
-        let stored = try schema.query("SELECT partition::text, next_offset::text FROM {s}.partition_offsets")
-        let offsets = Dictionary(uniqueKeysWithValues: stored.map { (Int32($0[0]!)!, Int64($0[1]!)!) })
-        if marks.allSatisfy({ $0.value.low == $0.value.high || offsets[$0.key, default: -1] >= $0.value.high }) {
-            break
-        }
-        guard process.isRunning else {
-            throw SetupError("tally run exited with status \(process.terminationStatus) before catching up")
-        }
-        guard Date() < deadline else { throw SetupError("tally run did not catch up within 60 s: \(stored)") }
-        try await Task.sleep(nanoseconds: 20_000_000)
-    }
-
-    process.terminate()
-    let stopDeadline = Date().addingTimeInterval(30)
-    while process.isRunning && Date() < stopDeadline {
-        try await Task.sleep(nanoseconds: 20_000_000)
-    }
-    #expect(!process.isRunning, "tally run did not stop within 30 s of SIGTERM")
-    if !process.isRunning {
-        #expect(process.terminationStatus == 0)
-    }
+    worker.signal(SIGTERM)
+    let exit = try await worker.waitForExit(timeoutSeconds: 30)
+    #expect(exit?.status == 0, "tally run did not exit with 0 within 30 s of SIGTERM: \(String(describing: exit))")
+    #expect(exit?.signaled == false)
 }
 
 // MARK: Queries

@@ -3,9 +3,9 @@ import Glibc
 import Postgres
 import Tally
 
-/// The `tally` executable that `swift build` put next to the test bundle, or `TALLY_BIN`.
+/// The `tally` executable that `swift build` put next to the test bundle, or `TALLY_BINARY`.
 func tallyExecutable() throws -> URL {
-    if let path = ProcessInfo.processInfo.environment["TALLY_BIN"], !path.isEmpty {
+    if let path = ProcessInfo.processInfo.environment["TALLY_BINARY"], !path.isEmpty {
         return URL(fileURLWithPath: path)
     }
     let bundle = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath()
@@ -16,7 +16,7 @@ func tallyExecutable() throws -> URL {
         if FileManager.default.isExecutableFile(atPath: candidate.path) { return candidate }
         directory = directory.deletingLastPathComponent()
     }
-    throw SetupError("no tally executable next to \(bundle.path); run swift build first, or set TALLY_BIN")
+    throw SetupError("no tally executable next to \(bundle.path); run swift build first, or set TALLY_BINARY")
 }
 
 /// Writes the YAML configuration of a `tally run` process for the tests' topic, schema and meters.

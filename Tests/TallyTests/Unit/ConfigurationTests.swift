@@ -51,7 +51,10 @@ struct ConfigurationTests {
         #expect(configuration.postgres.schema == "tally")
         #expect(configuration.ingest.shutdownTimeoutMilliseconds == 30_000)
         #expect(configuration.ingest.noProgressTimeoutMilliseconds == 60_000)
-        #expect(configuration.kafka.consumerProperties.contains { $0 == ("partition.assignment.strategy", "cooperative-sticky") })
+        #expect(
+            configuration.kafka.consumerProperties.contains {
+                $0 == ("partition.assignment.strategy", "cooperative-sticky")
+            })
     }
 
     @Test func durationsAndSizesAreRead() throws {
