@@ -16,13 +16,14 @@ enum StatsCommand: Command {
         and a STATUS line: ok, or each problem found.
 
         Options:
-          --config FILE  The YAML configuration of the worker.
-          --json         Print one JSON document instead of tables.
-          --offline      Do not ask Kafka for log starts and ends; show PostgreSQL's view only.
-          --check        Exit with status 3 when the STATUS line reports a problem, for health checks.
+          --config FILE      The YAML configuration of the worker.
+          --json             Print one JSON document instead of tables.
+          --offline          Do not ask Kafka for log starts and ends; show PostgreSQL's view only.
+          --check            Exit with status 3 when the STATUS line reports a problem, for health checks.
           --log-level LEVEL  debug, info, warning or error (default: warning).
 
-        Problems are: a worker that reports no progress while its partitions have lag; a
+        Problems are: a worker that reports no progress while its partitions have lag; a silent
+        worker (no status for 30 s, killed or blocked) whose partitions no live worker reports; a
         partition with lag whose stored offset has not moved for ingest.no_progress_timeout; a
         partition whose log starts beyond its stored offset (retention deleted unread messages).
 
@@ -128,7 +129,7 @@ enum StatsCommand: Command {
             var workerRows = [["WORKER", "GROUP", "STATUS", "PARTITIONS", "LAG", "PROGRESS AGO", "SEEN AGO", "DETAIL"]]
             for worker in report.workers {
                 workerRows.append([
-                    worker.workerID, worker.consumerGroup, worker.status,
+                    worker.workerID, worker.consumerGroup, worker.shownStatus,
                     worker.partitions.isEmpty ? "-" : worker.partitions, worker.lag.map(String.init) ?? "-",
                     worker.secondsSinceProgress.map { "\($0)s" } ?? "-", "\(worker.secondsSinceHeartbeat)s",
                     worker.detail.isEmpty ? "-" : worker.detail,
@@ -222,6 +223,8 @@ enum StatsCommand: Command {
             writer.field("host", worker.host)
             writer.field("pid", worker.pid)
             writer.field("status", worker.status)
+            writer.key("silent")
+            writer.bool(worker.isSilent)
             writer.field("detail", worker.detail)
             writer.field("partitions", worker.partitions)
             writer.field("lag", worker.lag)

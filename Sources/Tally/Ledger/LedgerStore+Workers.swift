@@ -1,6 +1,6 @@
 import Postgres
 
-/// What a worker reports about itself in the `workers` table.
+/// The status a worker reports about itself in the `workers` table.
 public struct WorkerStatus: Sendable, Equatable {
     public enum State: String, Sendable {
         /// Joined the group, no partition assigned.
@@ -19,7 +19,7 @@ public struct WorkerStatus: Sendable, Equatable {
     public var host: String
     public var pid: Int32
     public var state: State
-    /// Why the worker is in this state, such as `PostgreSQL unreachable`; empty when nothing is wrong.
+    /// The reason for the state, such as `PostgreSQL unreachable`; empty when nothing is wrong.
     public var detail: String
     /// The partitions assigned to the worker, such as `usage[0],usage[3]`.
     public var partitions: String
@@ -57,8 +57,26 @@ public struct WorkerStatusRow: Sendable {
     public var lag: Int64?
     /// Seconds since the worker last made progress, as of now.
     public var secondsSinceProgress: Int64?
-    /// Seconds since the worker last wrote its row. A live worker writes it every few seconds.
+    /// Seconds since the worker last wrote its row. A live worker writes it every 5 seconds.
     public var secondsSinceHeartbeat: Int64
+
+    /// Seconds without a row update after which a worker that did not report `stopped` is
+    /// taken as silent: killed, or blocked in a call that does not return.
+    public static let silentAfterSeconds: Int64 = 30
+
+    /// True when the worker did not report `stopped` and has not written its row for
+    /// `silentAfterSeconds`.
+    public var isSilent: Bool {
+        status != WorkerStatus.State.stopped.rawValue && secondsSinceHeartbeat >= Self.silentAfterSeconds
+    }
+
+    /// The status to show: the one the worker reported, or `silent`.
+    public var shownStatus: String { isSilent ? "silent" : status }
+
+    /// The partitions the worker reported, one by one.
+    public var partitionList: [String] {
+        partitions.split(separator: ",").map(String.init)
+    }
 }
 
 extension LedgerStore {

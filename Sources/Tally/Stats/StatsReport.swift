@@ -64,15 +64,27 @@ public struct StatsReport: Sendable {
     /// The workers that wrote their status within the last day.
     public var workers: [WorkerStatusRow] = []
 
-    /// Problems an operator should look at: workers without progress, partitions with lag
-    /// whose stored offset has not moved for `stalledAfterSeconds`, and partitions whose log
-    /// starts beyond the stored offset. Empty when all is well. Lag needs the watermarks.
-    public func problems(stalledAfterSeconds: Int64, liveWorkerSeconds: Int64 = 60) -> [String] {
+    /// Problems an operator should look at: workers without progress, silent workers whose
+    /// partitions no live worker reports, partitions with lag whose stored offset has not moved
+    /// for `stalledAfterSeconds`, and partitions whose log starts beyond the stored offset.
+    /// Empty when all is well. Lag needs the watermarks.
+    public func problems(stalledAfterSeconds: Int64) -> [String] {
         var found: [String] = []
-        for worker in workers where worker.secondsSinceHeartbeat <= liveWorkerSeconds && worker.status == "no_progress"
-        {
+        for worker in workers where !worker.isSilent && worker.status == "no_progress" {
             found.append(
                 "worker \(worker.workerID) makes no progress on \(worker.partitions) (lag \(worker.lag.map(String.init) ?? "unknown"), \(worker.secondsSinceProgress ?? 0) s): \(worker.detail)"
+            )
+        }
+        // A silent worker matters while no live worker of its group has taken over its partitions.
+        let liveOwned = Set(
+            workers.filter { !$0.isSilent && $0.status != "stopped" }.flatMap { worker in
+                worker.partitionList.map { "\(worker.consumerGroup)/\($0)" }
+            })
+        for worker in workers where worker.isSilent {
+            let orphaned = worker.partitionList.filter { !liveOwned.contains("\(worker.consumerGroup)/\($0)") }
+            guard !orphaned.isEmpty else { continue }
+            found.append(
+                "worker \(worker.workerID) has not reported for \(worker.secondsSinceHeartbeat) s (last \(worker.status)); no live worker reports \(orphaned.joined(separator: ",")). It was killed, or it is blocked"
             )
         }
         for row in partitions {
