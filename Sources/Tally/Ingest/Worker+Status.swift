@@ -20,7 +20,7 @@ struct WorkerIdentity {
     }
 }
 
-/// What the worker knows about its own progress.
+/// The worker's record of its own progress.
 struct ProgressTracker {
     /// The last commit of a batch, or the last time the assigned partitions had no lag.
     var lastProgress = MonotonicTime.now()

