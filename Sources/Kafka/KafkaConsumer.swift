@@ -13,7 +13,7 @@ public protocol KafkaRebalanceHandler: AnyObject {
     func partitionsRevoked(_ partitions: [KafkaTopicPartition], lost: Bool)
 }
 
-/// What a member does with newly assigned partitions.
+/// The action a member takes on newly assigned partitions.
 public struct KafkaAssignment: Sendable {
     /// Partitions to fetch from their offsets at once. They are resumed explicitly, because
     /// librdkafka keeps an application pause across a revocation and a new assignment.

@@ -334,7 +334,7 @@ extension Worker {
     /// With `retry.polling`, the worker polls while it waits: it keeps its group membership
     /// (`max.poll.interval.ms`) and serves rebalances. Messages fetched meanwhile go to the
     /// pending batch, which is written after this one. Once the pending batch is full, the
-    /// worker pauses its partitions, so memory holds at most these two batches whatever the
+    /// worker pauses its partitions, so memory contains at most these two batches whatever the
     /// outage's length. Without `polling`, as inside a rebalance callback, it sleeps.
     private func waitBeforeRetry(_ retry: inout RetryState) -> Bool {
         let delay = retry.backoff.next()
@@ -587,7 +587,7 @@ private struct RetryState {
         self.deadline = deadline
     }
 
-    /// What a write that stopped retrying returns.
+    /// The result of a write that stopped retrying.
     var stopResult: WriteResult { pastDeadline ? .abandoned : .stopped }
 }
 

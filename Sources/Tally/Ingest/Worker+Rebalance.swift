@@ -32,7 +32,7 @@ extension Worker {
         guard let stored else {
             awaitingStart.formUnion(ids)
             logger.warning(
-                "partitions assigned while their stored offsets cannot be read; they stay paused until PostgreSQL answers",
+                "partitions assigned while their stored offsets cannot be read; they stay paused until PostgreSQL responds",
                 ["kafka.partitions": describe(ids), "batch.writing": isWriting])
             return KafkaAssignment(
                 start: [],
@@ -90,7 +90,7 @@ extension Worker {
         for partition in ids {
             let offset = stored[partition]
             if let offset, isBeyondLogEnd(partition, storedOffset: offset, checking: &logEndsReadable) {
-                // Left assigned and paused until the next rebalance, as the error says.
+                // Left assigned and paused until the next rebalance, as the error message states.
                 awaitingStart.remove(partition)
                 continue
             }

@@ -64,7 +64,7 @@ public final class Worker: KafkaRebalanceHandler {
     /// The partitions being consumed, with the stored offset of each as of the last commit.
     var positions: [PartitionID: PartitionPosition] = [:]
     /// Partitions assigned while their stored offsets could not be read. They are assigned
-    /// paused and start once PostgreSQL answers.
+    /// paused and start once PostgreSQL responds.
     var awaitingStart: Set<PartitionID> = []
     var startAttempt = RetryTimer()
     /// Partitions paused because a batch waits to be written or their offsets moved. They are

@@ -14,7 +14,7 @@ extension LedgerStore {
     ///
     /// Messages of one partition must be in increasing offset order.
     ///
-    /// `logStarts` holds the log start of partitions whose first message lies beyond the
+    /// `logStarts` contains the log start of partitions whose first message lies beyond the
     /// stored offset. The offsets below the log start are recorded as a gap with the reason
     /// `retention`: the broker deleted them before they were read.
     public func writeBatch(
