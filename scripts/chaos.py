@@ -124,7 +124,7 @@ def generate(rng, event_count, now):
 
 
 def malformed(rng, index, subject, moment):
-    """A message of a known dead-letter reason."""
+    """Return a message that gets a known dead-letter reason."""
     time_text = moment.strftime("%Y-%m-%dT%H:%M:%SZ")
     base = f'"specversion":"1.0","id":"bad-{index}","source":"{SOURCE}","type":"llm.request","subject":"{subject}"'
     choice = rng.randrange(5)
@@ -270,7 +270,7 @@ class Cluster:
         sys.exit(f"error: kcat failed to produce to partition {partition} five times")
 
     def log_end(self, partition):
-        """The log end of a partition, asked with kcat until the broker answers (at most 30 s)."""
+        """Return the log end of a partition, requested with kcat until the broker responds (at most 30 s)."""
         for _ in range(30):
             result = subprocess.run(
                 ["kcat", "-Q", "-b", self.bootstrap, "-t", f"{TOPIC}:{partition}:-1"],

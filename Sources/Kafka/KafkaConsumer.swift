@@ -77,11 +77,10 @@ public final class KafkaConsumer {
 
     deinit {
         if subscribedTopics != nil && !hasSeenAssignment {
-            // librdkafka before 2.3.0 fails an assertion in rd_kafka_destroy (in
-            // rd_kafka_sticky_assignor_state_destroy, librdkafka issue #4381) when a
-            // cooperative-sticky member that joined a group is destroyed before its first
-            // assignment. The handle is left to the process instead; it has left the group
-            // when close() returned.
+            // librdkafka 2.0.2 fails an assertion in rd_kafka_destroy, inside
+            // rd_kafka_sticky_assignor_state_destroy, when a cooperative-sticky member that
+            // joined a group is destroyed before its first assignment. The handle is therefore
+            // left to the process. It has left the group once close() returned.
             if !isClosed { _ = rd_kafka_consumer_close(handle) }
             return
         }
@@ -220,8 +219,8 @@ public final class KafkaConsumer {
         try queryWatermarks(handle, topic: topic, partition: partition, timeoutMilliseconds: timeoutMilliseconds)
     }
 
-    /// The log start and end last reported by the partition's leader in a fetch response,
-    /// without asking the broker. Nil until the partition has been fetched.
+    /// Returns the log start and end that the partition's leader reported in the last fetch
+    /// response, without a request to the broker. Returns nil before the first fetch.
     public func cachedWatermarks(topic: String, partition: Int32) -> KafkaWatermarks? {
         var low: Int64 = -1
         var high: Int64 = -1
@@ -251,7 +250,7 @@ public final class KafkaConsumer {
     /// stops. Call it once, from the polling thread.
     ///
     /// Leaving waits for the group coordinator, which may be unreachable. After
-    /// `timeoutMilliseconds` this gives up and returns false; the coordinator then notices
+    /// `timeoutMilliseconds` this gives up and returns false. The coordinator then notices
     /// the departure after `session.timeout.ms`, and the handle is destroyed without another
     /// attempt to leave.
     @discardableResult
@@ -298,8 +297,8 @@ public final class KafkaConsumer {
         _ code: rd_kafka_resp_err_t, _ partitions: UnsafeMutablePointer<rd_kafka_topic_partition_list_t>
     ) {
         let entries = TopicPartitionList.entries(of: partitions)
-        // librdkafka returns NULL when it cannot answer (the group is terminating); the
-        // protocol of the last rebalance holds then.
+        // librdkafka returns NULL while the group is terminating. The protocol of the last
+        // rebalance then still applies.
         if let name = rd_kafka_rebalance_protocol(handle) {
             isCooperative = String(cString: name) == "COOPERATIVE"
         }

@@ -51,8 +51,8 @@ public struct KafkaError: Error, Sendable, CustomStringConvertible {
         code == RD_KAFKA_RESP_ERR_OFFSET_OUT_OF_RANGE.rawValue
     }
 
-    /// The application did not poll within `max.poll.interval.ms`, so the consumer left the
-    /// group; its partitions go to other members and it rejoins on the next poll.
+    /// True when the application did not poll within `max.poll.interval.ms`, so the consumer
+    /// left the group. Its partitions go to other members, and it rejoins on the next poll.
     public var isMaxPollExceeded: Bool {
         code == RD_KAFKA_RESP_ERR__MAX_POLL_EXCEEDED.rawValue
     }

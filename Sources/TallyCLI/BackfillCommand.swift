@@ -237,7 +237,8 @@ enum BackfillCommand: Command {
         return StatsCommand.table(rows)
     }
 
-    /// The event-time filter of a run as `from..to`, with `*` for an open end, or `-` for none.
+    /// Returns the event-time filter of a run as `from..to`, with `*` for an open end, or `-`
+    /// for none.
     static func eventTimeText(_ run: BackfillRun) -> String {
         guard run.eventTimeFrom != nil || run.eventTimeTo != nil else { return "-" }
         return "\(run.eventTimeFrom?.rfc3339 ?? "*")..\(run.eventTimeTo?.rfc3339 ?? "*")"

@@ -4,9 +4,10 @@ import Postgres
 
 extension Worker {
     /// Validates and writes the pending batch. On return the batch is committed or was found
-    /// committed already. Otherwise another consumer owns its offsets now, and the partitions
-    /// are moved back to their stored offsets; or the partitions were revoked while the batch
-    /// waited; or a stop was requested while PostgreSQL could not be reached.
+    /// committed already, unless one of three things happened. Another consumer owns its
+    /// offsets now, and the partitions are moved back to their stored offsets. The partitions
+    /// were revoked while the batch waited. A stop was requested while PostgreSQL could not be
+    /// reached.
     func flush() {
         guard !pending.isEmpty else { return }
         let messages = pending.messages
@@ -21,8 +22,8 @@ extension Worker {
     }
 
     /// Writes the pending messages of partitions being revoked, inside the rebalance callback.
-    /// The worker cannot poll there, so failed attempts are retried for a short time only;
-    /// then the messages are rolled back and the partitions' next owner reads them again.
+    /// The worker cannot poll there, so failed attempts are retried for a short time only.
+    /// Then the messages are rolled back, and the partitions' next owner reads them again.
     func writeBeforeRevocation(_ messages: [KafkaMessage]) {
         let deadline = MonotonicTime.now().nanoseconds + Self.revocationWriteBudgetMilliseconds * 1_000_000
         if write(messages, polling: false, deadline: MonotonicTime(nanoseconds: deadline)) == .abandoned {
@@ -141,7 +142,7 @@ extension Worker {
         return leftOut.isEmpty ? .committed : .stale
     }
 
-    /// The offsets of each partition's messages in the batch.
+    /// Returns the offsets of each partition's messages in the batch.
     private func offsetRanges(_ batch: [ValidatedMessage]) -> [PartitionID: ClosedRange<Int64>] {
         var ranges: [PartitionID: ClosedRange<Int64>] = [:]
         for validated in batch {

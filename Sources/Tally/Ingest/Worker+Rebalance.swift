@@ -5,9 +5,9 @@ extension Worker {
     /// Starts new partitions at their stored offsets in PostgreSQL, or at the log start when
     /// none is stored. Kafka's committed offsets are never read.
     ///
-    /// When the stored offsets cannot be read now (PostgreSQL is unreachable, or a batch is
-    /// waiting to be written), the partitions are assigned paused and start later, from the
-    /// main loop, once their stored offsets are read: the rebalance is not held up, and the
+    /// The stored offsets may be unreadable now, because PostgreSQL is unreachable or a batch
+    /// is waiting to be written. Then the partitions are assigned paused, and the main loop
+    /// starts them once their stored offsets are read. The rebalance is not held up, and the
     /// worker goes on polling.
     public func partitionsAssigned(_ partitions: [KafkaTopicPartition]) -> KafkaAssignment {
         let ids = partitions.map { PartitionID(topic: $0.topic, partition: $0.partition) }

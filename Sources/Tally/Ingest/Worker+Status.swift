@@ -32,7 +32,7 @@ struct ProgressTracker {
 }
 
 extension Worker {
-    /// Decides whether the worker makes progress: with partitions assigned and lag, it must
+    /// Decides whether the worker makes progress. With partitions assigned and lag, it must
     /// commit a batch at least every `ingest.no_progress_timeout`. Logs a warning when it does
     /// not, at most once a minute, and returns the state for the `workers` table.
     @discardableResult
@@ -78,10 +78,10 @@ extension Worker {
         return (.noProgress, reason)
     }
 
-    /// The messages of the assigned partitions beyond their stored offsets, from the log ends
-    /// of the last fetch responses. A few partitions never fetched (assigned paused) are asked
-    /// for their log ends, briefly, so that the check never holds up polling for long. Nil
-    /// when a log end is unknown.
+    /// Returns the messages of the assigned partitions beyond their stored offsets, from the
+    /// log ends of the last fetch responses. For a few partitions never fetched (assigned
+    /// paused), it requests the log ends with a short timeout, so polling is not held up. Returns
+    /// nil when a log end is unknown.
     private func assignedLag(_ assigned: Set<PartitionID>) -> Int64? {
         guard let consumer else { return nil }
         var lag: Int64 = 0

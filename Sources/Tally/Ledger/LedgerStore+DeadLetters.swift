@@ -104,8 +104,8 @@ extension LedgerStore {
     /// missing row and the fix: `tally backfill` over the original's offsets, then a replay.
     ///
     /// NOTE: an event that PostgreSQL rejects again (SQLSTATE class 22 or 54, the dead letters
-    /// `storage_rejected`) fails its whole replay batch, and the replay stops with that error;
-    /// exclude that reason from the filter. It is not isolated one message at a time as in
+    /// `storage_rejected`) fails its whole replay batch, and the replay stops with that error.
+    /// Exclude that reason from the filter. It is not isolated one message at a time as in
     /// the worker and in backfill.
     ///
     /// NOTE: a replay does not change the per-partition counters in `partition_offsets` and

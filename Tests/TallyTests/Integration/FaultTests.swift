@@ -35,7 +35,7 @@ struct FaultTests {
     }
 
     /// While PostgreSQL refuses the worker for longer than max.poll.interval.ms, the worker
-    /// pauses its partitions and keeps polling: it keeps its membership, says that it makes no
+    /// pauses its partitions and keeps polling: it keeps its membership, reports that it makes no
     /// progress, lets a joining member take partitions, and resumes by itself afterwards.
     @Test func postgresOutageKeepsTheGroupMembership() async throws {
         try await withTestSchema { schema in

@@ -47,9 +47,9 @@ func waitUntil(
 /// bug report against a Kafka-to-database pipeline.
 @Suite("Field cases: consumer groups and faults")
 struct GroupFieldCaseTests {
-    /// A group whose members give up a partition quickly: librdkafka needs
-    /// `max.poll.interval.ms` of at least `session.timeout.ms`, and the mock cluster a session
-    /// of at least 6 s.
+    /// Returns the settings of a group whose members give up a partition quickly. librdkafka
+    /// needs `max.poll.interval.ms` of at least `session.timeout.ms`, and the mock cluster a
+    /// session of at least 6 s.
     static func shortPollConfiguration(kafka: TestKafka, schema: TestSchema) throws -> Configuration {
         var configuration = try testConfiguration(kafka: kafka, schema: schema)
         configuration.kafka.properties += [("max.poll.interval.ms", "7000")]
@@ -65,7 +65,7 @@ struct GroupFieldCaseTests {
 
     /// W1 has committed e0..e2 and is inside the transaction that writes e3 when W2 joins and,
     /// because W1 stopped polling, takes the partition. W2 reads the stored offset 3 and waits
-    /// on W1's row lock; when W1 commits, W2's compare-and-set fails and it goes on from the
+    /// on W1's row lock. When W1 commits, W2's compare-and-set fails and it goes on from the
     /// new stored offset.
     @Test func case1RedeliveryAfterARebalance() async throws {
         try await withTestSchema { schema in

@@ -3,7 +3,8 @@ import Glibc
 import Postgres
 import Tally
 
-/// The `tally` executable that `swift build` put next to the test bundle, or `TALLY_BINARY`.
+/// Returns the `tally` executable named by `TALLY_BINARY`, or the one that `swift build` put
+/// next to the test bundle.
 func tallyExecutable() throws -> URL {
     if let path = ProcessInfo.processInfo.environment["TALLY_BINARY"], !path.isEmpty {
         return URL(fileURLWithPath: path)
